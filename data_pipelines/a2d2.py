@@ -1,0 +1,408 @@
+"""A2D2 semantic segmentation (camera_lidar_semantic, front centre camera) on tf.data.
+
+Raw layout (the A2D2 download, or `synthetic.generate`):
+
+    <root>/class_list.json                                   hex colour -> "Car 1", 55 entries
+    <root>/<YYYYMMDD_hhmmss>/camera/cam_front_center/<seq>_camera_frontcenter_<frame>.png
+    <root>/<YYYYMMDD_hhmmss>/label/cam_front_center/<seq>_label_frontcenter_<frame>.png
+
+Splits are list files in the reference format (one frame per line, e.g.
+`highway/train_val/GT/20181204135952_label_frontcenter_000094929.png`; only the file name
+matters). The reference work's highway / urban / ambiguous lists ship in `splits/a2d2/`.
+
+`A2D2Segmentation` is a TFDS builder whose manual dir is the A2D2 root: it decodes every
+RGB label once into class ids and writes shards; `dataset()` streams them.
+
+Deliberate difference from the reference code: its `encode_segmap` maps only the first
+colour of each class and turns the other 17 colours (Car 2-4, Bicycle 2-4, ...) into "Car".
+Here every one of the 55 colours maps to its class, and unknown colours map to 255 (ignored).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_pipelines import DataError, transforms
+
+CLASS_NAMES = (
+    "Car", "Bicycle", "Pedestrian", "Truck", "Small vehicles", "Traffic signal",
+    "Traffic sign", "Utility vehicle", "Sidebars", "Speed bumper", "Curbstone", "Solid line",
+    "Irrelevant signs", "Road blocks", "Tractor", "Non-drivable street", "Zebra crossing",
+    "Obstacles / trash", "Poles", "RD restricted area", "Animals", "Grid structure",
+    "Signal corpus", "Drivable cobblestone", "Electronic traffic", "Slow drive area",
+    "Nature object", "Parking area", "Sidewalk", "Ego car", "Painted driv. instr.",
+    "Traffic guide obj.", "Dashed line", "RD normal street", "Sky", "Buildings",
+    "Blurred area", "Rain dirt",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IGNORE_LABEL = transforms.IGNORE_LABEL
+
+# The class_list.json of the A2D2 release: 55 colours, 38 classes once the instance
+# number is dropped. The raw data carries its own copy; this one writes synthetic trees.
+REFERENCE_CLASS_LIST = {
+    "#ff0000": "Car 1", "#c80000": "Car 2", "#960000": "Car 3", "#800000": "Car 4",
+    "#b65906": "Bicycle 1", "#963204": "Bicycle 2", "#5a1e01": "Bicycle 3",
+    "#5a1e1e": "Bicycle 4", "#cc99ff": "Pedestrian 1", "#bd499b": "Pedestrian 2",
+    "#ef59bf": "Pedestrian 3", "#ff8000": "Truck 1", "#c88000": "Truck 2",
+    "#968000": "Truck 3", "#00ff00": "Small vehicles 1", "#00c800": "Small vehicles 2",
+    "#009600": "Small vehicles 3", "#0080ff": "Traffic signal 1",
+    "#1e1c9e": "Traffic signal 2", "#3c1c64": "Traffic signal 3",
+    "#00ffff": "Traffic sign 1", "#1edcdc": "Traffic sign 2", "#3c9dc7": "Traffic sign 3",
+    "#ffff00": "Utility vehicle 1", "#ffffc8": "Utility vehicle 2", "#e96400": "Sidebars",
+    "#6e6e00": "Speed bumper", "#808000": "Curbstone", "#ffc125": "Solid line",
+    "#400040": "Irrelevant signs", "#b97a57": "Road blocks", "#000064": "Tractor",
+    "#8b636c": "Non-drivable street", "#d23273": "Zebra crossing",
+    "#ff0080": "Obstacles / trash", "#fff68f": "Poles", "#960096": "RD restricted area",
+    "#ccff99": "Animals", "#eea2ad": "Grid structure", "#212cb1": "Signal corpus",
+    "#b432b4": "Drivable cobblestone", "#ff46b9": "Electronic traffic",
+    "#eee9bf": "Slow drive area", "#93fdc2": "Nature object", "#9696c8": "Parking area",
+    "#b496c8": "Sidewalk", "#48d1cc": "Ego car", "#c87dd2": "Painted driv. instr.",
+    "#9f79ee": "Traffic guide obj.", "#8000ff": "Dashed line", "#ff00ff": "RD normal street",
+    "#87ceff": "Sky", "#f1e6ff": "Buildings", "#60458f": "Blurred area",
+    "#352e52": "Rain dirt",
+}
+
+REFERENCE_SPLIT_DIR = Path(__file__).parent / "splits" / "a2d2"
+# Domain ids: experts are trained on 0 (highway) and 1 (urban); 2 (ambiguous) is OOD.
+DOMAINS = ("highway", "urban", "ambiguous")
+# The reference's "all" splits are highway followed by urban.
+COMBINED_SPLITS = {f"all_{part}": f"highway_{part}+urban_{part}"
+                   for part in ("train", "val", "test")}
+
+_FRAME_RE = re.compile(r"(\d{14})_(?:label|camera)_frontcenter_(\d+)\.png$")
+_HEX_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def class_id(name: str) -> int:
+  """Class id of a class_list.json name: "Car 3" -> 0, "Sky" -> 34 (instance number dropped)."""
+  base = re.sub(r"\s+\d+$", "", name.strip())
+  return CLASS_NAMES.index(base)
+
+
+def read_class_list(path: str | os.PathLike) -> dict[str, str]:
+  """Reads A2D2's class_list.json: {"#rrggbb": "Car 1", ...}.
+
+  Raises:
+    DataError: the file is missing, is not JSON, or holds a key that is not a colour or a
+      name that is not an A2D2 class.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path} not found: every A2D2 root holds class_list.json "
+                    "(it comes with the camera_lidar_semantic download).")
+  try:
+    class_list = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(f"{path} is not valid JSON ({e}); restore it from the A2D2 download.") from e
+  if not isinstance(class_list, dict) or not class_list:
+    raise DataError(f"{path} must be a JSON object mapping '#rrggbb' to class names.")
+  for colour, name in class_list.items():
+    if not _HEX_RE.match(str(colour)):
+      raise DataError(f"{path}: key {colour!r} is not a '#rrggbb' colour.")
+    try:
+      class_id(str(name))
+    except ValueError:
+      raise DataError(f"{path}: {name!r} (colour {colour}) is not an A2D2 class; "
+                      f"expected one of {', '.join(CLASS_NAMES)}.") from None
+  return class_list
+
+
+def _colour_keys(rgb: np.ndarray) -> np.ndarray:
+  rgb = rgb.astype(np.int32)
+  return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def label_lookup(class_list: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted colour keys (int32 [N], 0xRRGGBB) and their class ids (uint8 [N])."""
+  keys = np.array([int(colour[1:], 16) for colour in class_list], np.int32)
+  ids = np.array([class_id(name) for name in class_list.values()], np.uint8)
+  order = np.argsort(keys)
+  return keys[order], ids[order]
+
+
+def decode_label(rgb: np.ndarray, class_list: dict[str, str]) -> np.ndarray:
+  """Maps an RGB-coded A2D2 label to class ids.
+
+  Args:
+    rgb: uint8 [H, W, 3] or [H, W, 4] (some A2D2 label PNGs are RGBA; alpha is ignored).
+    class_list: as returned by `read_class_list`.
+
+  Returns:
+    uint8 [H, W]: the class id of every pixel, 255 where the colour is not in the list.
+  """
+  return _map_colours(rgb, label_lookup(class_list))
+
+
+def _map_colours(rgb: np.ndarray, lookup: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  keys, ids = lookup
+  pixel_keys = _colour_keys(rgb[..., :3])
+  position = np.clip(np.searchsorted(keys, pixel_keys), 0, len(keys) - 1)
+  return np.where(keys[position] == pixel_keys, ids[position], IGNORE_LABEL).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+  """One front-centre frame: recording timestamp `seq` (14 digits) and frame number."""
+  seq: str
+  frame: str
+
+  @property
+  def recording(self) -> str:
+    return f"{self.seq[:8]}_{self.seq[8:]}"
+
+  @property
+  def key(self) -> str:
+    return f"{self.seq}_{self.frame}"
+
+  def camera_path(self, root: Path) -> Path:
+    return (root / self.recording / "camera" / "cam_front_center" /
+            f"{self.seq}_camera_frontcenter_{self.frame}.png")
+
+  def label_path(self, root: Path) -> Path:
+    return (root / self.recording / "label" / "cam_front_center" /
+            f"{self.seq}_label_frontcenter_{self.frame}.png")
+
+
+def parse_split_list(path: str | os.PathLike) -> list[Frame]:
+  """Reads a split list: one label (or camera) file name per line, any leading folders.
+
+  Raises:
+    DataError: the file is missing, empty, or has a line that names no A2D2 frame.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"split list {path} not found.")
+  frames = []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    line = line.strip()
+    if not line:
+      continue
+    match = _FRAME_RE.search(line)
+    if match is None:
+      raise DataError(f"{path}:{number}: {line!r} names no A2D2 frame; expected e.g. "
+                      "'highway/train_val/GT/20181204135952_label_frontcenter_000094929.png'.")
+    frames.append(Frame(*match.groups()))
+  if not frames:
+    raise DataError(f"split list {path} is empty: give it at least one frame.")
+  return frames
+
+
+def split_files(split_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+  """The split lists of a directory ({name}.txt -> name), default the reference lists."""
+  split_dir = Path(split_dir) if split_dir else REFERENCE_SPLIT_DIR
+  files = {p.stem: p for p in sorted(split_dir.glob("*.txt"))}
+  if not files:
+    raise DataError(f"no split lists (*.txt) in {split_dir}; point data.split_dir at a "
+                    "directory of lists such as data_pipelines/splits/a2d2.")
+  return files
+
+
+def domain_of(split_name: str) -> int:
+  """Domain id of a split from its prefix: highway_* 0, urban_* 1, ambiguous_* 2, other -1."""
+  prefix = split_name.split("_")[0]
+  return DOMAINS.index(prefix) if prefix in DOMAINS else -1
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def _checked_example(frame: Frame, root: Path, lookup: tuple[np.ndarray, np.ndarray],
+                     domain: int) -> dict:
+  """Reads one frame's label (decoded to ids once, here) and checks its camera image."""
+  camera, label = frame.camera_path(root), frame.label_path(root)
+  rgb = _read_png(label, lambda image: np.asarray(image.convert("RGB")))
+  # verify() walks every chunk and its checksum: it catches a truncated camera image
+  # without decoding it (the stream decodes it every epoch anyway).
+  camera_size = _read_png(camera, lambda image: (image.size, image.verify())[0])
+  if (rgb.shape[1], rgb.shape[0]) != camera_size:
+    raise DataError(f"size mismatch: {camera} is {camera_size[0]}x{camera_size[1]} but "
+                    f"{label} is {rgb.shape[1]}x{rgb.shape[0]}; re-extract both files.")
+  return {"image": os.fspath(camera), "label": _map_colours(rgb, lookup)[..., None],
+          "domain": domain, "frame": frame.key}
+
+
+def _read_png(path: Path, read: Callable):
+  try:
+    with Image.open(path) as image:
+      return read(image)
+  except (OSError, SyntaxError) as e:
+    raise DataError(f"unreadable or truncated PNG {path} ({e}); re-extract it from the "
+                    "A2D2 archive or drop the frame from the split list.") from e
+
+
+def _ordered_parallel_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+  """`map(fn, items)` on a thread pool, in order, with at most 2*workers results in flight.
+
+  PIL decoding releases the GIL, so threads help; the bound keeps memory at a few frames
+  (Executor.map would submit, and hold the results of, the whole split at once).
+  """
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= 2 * workers:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+@dataclasses.dataclass(eq=False)
+class A2D2Config(tfds.core.BuilderConfig):
+  """A set of split lists. The config name is a digest of their contents, so changed lists
+  are written as a new dataset instead of silently reusing shards of the old ones."""
+  split_dir: str = ""
+
+
+def builder_config(split_dir: str | os.PathLike | None = None) -> A2D2Config:
+  """The builder config for the lists in `split_dir` (default: the reference lists)."""
+  files = split_files(split_dir)
+  digest = hashlib.sha1()
+  for name, path in files.items():
+    digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+  prefix = "reference" if split_dir is None else "lists"
+  return A2D2Config(name=f"{prefix}_{digest.hexdigest()[:10]}", version="1.0.0",
+                    split_dir=os.fspath(split_dir or REFERENCE_SPLIT_DIR))
+
+
+class A2D2Segmentation(tfds.core.GeneratorBasedBuilder):
+  """A2D2 front-centre semantic segmentation, labels stored as class ids (PNG)."""
+
+  name = "a2d2_segmentation"
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Download A2D2's camera_lidar_semantic archive from https://www.a2d2.audi/ and extract "
+      "it; the manual dir is the folder holding class_list.json and the recording folders.")
+  BUILDER_CONFIGS = [builder_config()]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.Image(shape=(None, None, 1)),
+        "domain": np.int32,
+        "frame": tfds.features.Text(),
+    }))
+
+  def _split_generators(self, dl_manager):
+    root = Path(dl_manager.manual_dir)
+    check_root(root)
+    lookup = label_lookup(read_class_list(root / "class_list.json"))
+    splits = {name: parse_split_list(path)
+              for name, path in split_files(self.builder_config.split_dir).items()}
+    missing = [frame.label_path(root) for frames in splits.values() for frame in frames
+               if not (frame.label_path(root).is_file() and frame.camera_path(root).is_file())]
+    if missing:
+      shown = ", ".join(os.fspath(p) for p in missing[:3])
+      raise DataError(f"{len(missing)} frames of the split lists in "
+                      f"{self.builder_config.split_dir} are not under {root} (first: {shown}); "
+                      "complete the A2D2 download or pass data.split_dir with your own lists.")
+    return {name: self._generate_examples(frames, root, lookup, domain_of(name))
+            for name, frames in splits.items()}
+
+  def _generate_examples(self, frames, root, lookup, domain):
+    def example(frame):
+      return frame.key, _checked_example(frame, root, lookup, domain)
+    yield from _ordered_parallel_map(example, frames, workers=os.cpu_count() or 2)
+
+
+def check_root(root: str | os.PathLike) -> None:
+  """Raises DataError unless `root` looks like an A2D2 camera_lidar_semantic root."""
+  root = Path(root)
+  if not root.is_dir():
+    raise DataError(f"A2D2 data dir {root} does not exist; set --config.data.data_dir to the "
+                    "extracted camera_lidar_semantic folder, or run the demo on generated "
+                    "data with --config configs/a2d2.py:synthetic.")
+  if not any(root.iterdir()):
+    raise DataError(f"A2D2 data dir {root} is empty; extract camera_lidar_semantic into it, "
+                    "or use --config configs/a2d2.py:synthetic.")
+  read_class_list(root / "class_list.json")
+
+
+def prepare(data_dir: str | os.PathLike, *, split_dir: str | os.PathLike | None = None,
+            tfds_dir: str | os.PathLike | None = None) -> A2D2Segmentation:
+  """Writes the TFDS shards once (a no-op when they exist) and returns the builder.
+
+  Args:
+    data_dir: the A2D2 root (TFDS manual dir).
+    split_dir: directory of split lists, default the reference lists.
+    tfds_dir: where TFDS keeps prepared datasets, default its own (~/tensorflow_datasets).
+      A failed preparation leaves nothing there (TFDS writes to a temporary folder and
+      renames it when complete).
+  """
+  builder = A2D2Segmentation(config=builder_config(split_dir),
+                             data_dir=None if tfds_dir is None else os.fspath(tfds_dir))
+  if not builder.is_prepared():
+    check_root(data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))
+  return builder
+
+
+def resolve_split(split: str, builder: A2D2Segmentation) -> str:
+  """A named split ("urban_test", "all_train", ...) as a TFDS split expression."""
+  expression = COMBINED_SPLITS.get(split, split)
+  known = set(builder.info.splits.keys())
+  unknown = [part for part in expression.split("+") if part not in known]
+  if unknown:
+    valid = sorted(known | {name for name, expr in COMBINED_SPLITS.items()
+                            if set(expr.split("+")) <= known})
+    raise DataError(f"unknown A2D2 split {split!r}; valid: {', '.join(valid)}.")
+  return expression
+
+
+def num_examples(split: str, builder: A2D2Segmentation) -> int:
+  """Number of frames in a named split."""
+  return sum(builder.info.splits[part].num_examples
+             for part in resolve_split(split, builder).split("+"))
+
+
+def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int] = (912, 912),
+            batch_size: int, train: bool, seed: int = 0,
+            split_dir: str | os.PathLike | None = None,
+            tfds_dir: str | os.PathLike | None = None, shuffle_buffer: int = 512,
+            drop_remainder: bool | None = None) -> tf.data.Dataset:
+  """Batches of an A2D2 split, prepared on first use.
+
+  Args:
+    data_dir: the A2D2 root (see module docstring).
+    split: "highway_train", "urban_val", "all_test", "ambiguous_test", ... or the name of
+      a list in `split_dir`.
+    image_size: (height, width) after resizing (bilinear image, nearest label); the
+      paper's 912x912 by default. The frames are squashed, not cropped, as in the paper.
+    batch_size: images per batch.
+    train: shuffle (seeded), repeat forever and flip; otherwise one ordered pass.
+    seed: shuffling and flip seed.
+    split_dir, tfds_dir: see `prepare`.
+    shuffle_buffer: frames in the shuffle buffer (encoded bytes).
+    drop_remainder: default True when training, False otherwise.
+
+  Returns:
+    Dataset of {"image": uint8 [B,H,W,3], "label": uint8 [B,H,W] (class ids, 255 ignore),
+    "domain": int32 [B], "frame": string [B] ("<seq>_<frame>")}.
+  """
+  builder = prepare(data_dir, split_dir=split_dir, tfds_dir=tfds_dir)
+  examples = builder.as_dataset(
+      split=resolve_split(split, builder), shuffle_files=train,
+      read_config=tfds.ReadConfig(shuffle_seed=seed),
+      decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
+  return transforms.stream(examples, image_size=image_size, batch_size=batch_size,
+                           train=train, seed=seed, shuffle_buffer=shuffle_buffer,
+                           drop_remainder=drop_remainder)

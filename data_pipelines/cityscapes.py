@@ -1,0 +1,193 @@
+"""Cityscapes (fine annotations) on tf.data through TFDS's `cityscapes/semantic_segmentation`.
+
+The user downloads `leftImg8bit_trainvaltest.zip` and `gtFine_trainvaltest.zip` from
+https://www.cityscapes-dataset.com/downloads/ into one directory (`data_dir`); TFDS prepares
+its shards from them once, offline, and every later call reads the shards. Labels are stored
+as labelIds (0..33) and mapped to the 19 trainIds at stream time, so the prepared shards stay
+the unmodified TFDS dataset.
+
+Experts specialise on groups of training cities: `expert_groups` splits the 18 training
+cities into groups, and each training example's "domain" is the index of its city's group.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data_pipelines import DataError, transforms
+
+NUM_CLASSES = 19
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+
+# labelIds of the 19 evaluated classes in trainId order (cityscapesScripts labels.py). Every
+# other labelId, including license plate (-1, which a uint8 PNG cannot hold), is ignored.
+_EVALUATED_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+LABEL_ID_TO_TRAIN_ID = np.full(256, transforms.IGNORE_LABEL, np.uint8)
+LABEL_ID_TO_TRAIN_ID[list(_EVALUATED_LABEL_IDS)] = np.arange(NUM_CLASSES)
+
+TRAIN_CITIES = (
+    "aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf", "erfurt", "hamburg",
+    "hanover", "jena", "krefeld", "monchengladbach", "strasbourg", "stuttgart", "tubingen",
+    "ulm", "weimar", "zurich",
+)
+
+_TFDS_NAME = "cityscapes/semantic_segmentation"
+_ZIPS = {
+    "leftImg8bit_trainvaltest.zip": "the left 8-bit images, 11 GB",
+    "gtFine_trainvaltest.zip": "the fine annotations, 241 MB",
+}
+_DOWNLOAD_URL = "https://www.cityscapes-dataset.com/downloads/"
+
+
+def train_ids(label: tf.Tensor) -> tf.Tensor:
+  """Maps Cityscapes labelIds to trainIds.
+
+  Args:
+    label: uint8 [...] labelIds, e.g. a decoded `*_gtFine_labelIds.png`.
+
+  Returns:
+    uint8 [...] trainIds 0..18, or 255 for classes Cityscapes does not evaluate.
+  """
+  return tf.gather(tf.constant(LABEL_ID_TO_TRAIN_ID), tf.cast(label, tf.int32))
+
+
+def cities(frame: tf.Tensor) -> tf.Tensor:
+  """Returns the city of Cityscapes image ids: string [...] `city_seq_frame` -> string [...]."""
+  return tf.strings.regex_replace(frame, "_.*", "")
+
+
+def expert_groups(groups: int | Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+  """Groups the 18 training cities for the experts.
+
+  An int N (1..18) sorts the cities alphabetically (the order of `TRAIN_CITIES`) and cuts them
+  into N contiguous groups whose sizes differ by at most one, larger groups first
+  (`numpy.array_split`): N=4 gives sizes 5, 5, 4, 4. The result depends on N alone.
+
+  Explicit groups are returned as given after validation: every name must be a training city,
+  no city may appear twice and no group may be empty. Cities left out of every group belong
+  to no expert (domain -1).
+
+  Args:
+    groups: N, or a sequence of groups, each a sequence of city names.
+
+  Returns:
+    One tuple of city names per group.
+
+  Raises:
+    DataError: N out of range, or an unknown, repeated or missing city in explicit groups.
+  """
+  if isinstance(groups, (int, np.integer)):
+    if not 1 <= groups <= len(TRAIN_CITIES):
+      raise DataError(f"groups={groups}: the number of expert groups must be in "
+                      f"1..{len(TRAIN_CITIES)}, or pass explicit groups of city names")
+    return tuple(tuple(str(city) for city in part)
+                 for part in np.array_split(TRAIN_CITIES, groups))
+  if not groups:
+    raise DataError("groups: no expert groups given; pass an int in 1..18 or a non-empty "
+                    "sequence of groups of training cities")
+  seen = set()
+  for k, group in enumerate(groups):
+    # A bare string is a sequence of letters, which would otherwise read as unknown cities.
+    if isinstance(group, str) or not group:
+      raise DataError(f"groups[{k}]={group!r}: each expert group must be a non-empty sequence "
+                      "of city names, e.g. ('aachen', 'bochum')")
+    for city in group:
+      if city not in TRAIN_CITIES:
+        raise DataError(f"groups[{k}]: {city!r} is not a Cityscapes training city; use names "
+                        f"from: {', '.join(TRAIN_CITIES)}")
+      if city in seen:
+        raise DataError(f"groups[{k}]: {city!r} is already in an earlier group; put each "
+                        "city in at most one expert group")
+      seen.add(city)
+  return tuple(tuple(group) for group in groups)
+
+
+def _check_manual_dir(data_dir: str) -> None:
+  """Raises DataError unless `data_dir` holds both zips the TFDS builder prepares from."""
+  if not tf.io.gfile.isdir(data_dir):
+    raise DataError(f"{data_dir}: Cityscapes directory not found; create it and download "
+                    f"{' and '.join(_ZIPS)} from {_DOWNLOAD_URL} into it")
+  for name, contents in _ZIPS.items():
+    path = os.path.join(data_dir, name)
+    if not tf.io.gfile.exists(path):
+      raise DataError(f"{path}: not found; download {name} ({contents}) from "
+                      f"{_DOWNLOAD_URL} (free registration) into {data_dir}")
+
+
+def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int] = (512, 1024),
+            batch_size: int, train: bool, seed: int = 0,
+            groups: int | Sequence[Sequence[str]] = 2, tfds_dir: str | os.PathLike | None = None,
+            shuffle_buffer: int = 256, drop_remainder: bool | None = None) -> tf.data.Dataset:
+  """Cityscapes batches with trainId labels and the expert group of each city as domain.
+
+  The first call for a `tfds_dir` prepares the TFDS shards from the zips in `data_dir`;
+  later calls only read the shards, so `data_dir` is checked only while they are missing.
+
+  Splits: "train", "validation", "test", and "group<k>_train" for k in 0..len(groups)-1 (the
+  training frames of expert group k only). No expert group holds a validation or test city,
+  so those splits exist only whole.
+
+  Args:
+    data_dir: directory holding leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip.
+    split: see above.
+    image_size: (height, width) of the output; the originals are 1024x2048.
+    batch_size: images per batch.
+    train: shuffle, repeat forever and flip (see `transforms.stream`).
+    seed: seed for file order, shuffling and flips; the same seed gives the same batches.
+    groups: expert groups, see `expert_groups`.
+    tfds_dir: where TFDS writes its prepared shards; None is TFDS's default
+      (~/tensorflow_datasets or $TFDS_DATA_DIR).
+    shuffle_buffer: examples in the shuffle buffer. An example is ~2.2 MB of PNG bytes
+      (11 GB / 5000 frames), so the default holds ~0.6 GB.
+    drop_remainder: override the default (True for training, False otherwise).
+
+  Returns:
+    Dataset of {"image": uint8 [B,H,W,3], "label": uint8 [B,H,W] trainIds or 255,
+    "domain": int32 [B] group index of the city or -1, "frame": string [B] image id such as
+    "aachen_000000_000019"}.
+
+  Raises:
+    DataError: unknown split, bad groups, or (when preparing) a missing directory or zip.
+  """
+  groups = expert_groups(groups)
+  splits = {name: (name, None) for name in ("train", "validation", "test")}
+  splits.update({f"group{k}_train": ("train", k) for k in range(len(groups))})
+  if split not in splits:
+    raise DataError(f"split {split!r} is unknown; use one of: {', '.join(splits)} "
+                    "(validation and test cities belong to no expert group)")
+  tfds_split, group = splits[split]
+
+  builder = tfds.builder(_TFDS_NAME, data_dir=None if tfds_dir is None else os.fspath(tfds_dir))
+  if not builder.is_prepared():
+    data_dir = os.fspath(data_dir)
+    _check_manual_dir(data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+  # Undecoded PNGs keep the shuffle buffer small; `transforms.stream` decodes in parallel.
+  records = builder.as_dataset(
+      split=tfds_split, shuffle_files=train, read_config=tfds.ReadConfig(shuffle_seed=seed),
+      decoders={"image_left": tfds.decode.SkipDecoding(),
+                "segmentation_label": tfds.decode.SkipDecoding()})
+
+  city_group = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          [city for members in groups for city in members],
+          [k for k, members in enumerate(groups) for _ in members], tf.string, tf.int32),
+      default_value=-1)
+  examples = records.map(lambda record: {
+      "image": record["image_left"], "label": record["segmentation_label"],
+      "domain": city_group.lookup(cities(record["image_id"])), "frame": record["image_id"]})
+  if group is not None:
+    examples = examples.filter(lambda example: example["domain"] == group)
+  return transforms.stream(examples, image_size=image_size, batch_size=batch_size, train=train,
+                           seed=seed, shuffle_buffer=shuffle_buffer,
+                           drop_remainder=drop_remainder, label_map=train_ids)

@@ -1,0 +1,113 @@
+"""tf.data transforms shared by every dataset: decode, resize, flip, batch.
+
+Every dataset hands `stream()` a `tf.data.Dataset` of *undecoded* examples
+`{"image": PNG/JPEG bytes, "label": PNG bytes of class ids, "domain": int32, "frame": string}`
+so that the shuffle buffer holds compressed bytes and decoding runs in parallel after it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import tensorflow as tf
+
+IGNORE_LABEL = 255
+
+
+def resize_pair(image: tf.Tensor, label: tf.Tensor, size: Sequence[int]):
+  """Resizes an image bilinearly and its label by nearest neighbour.
+
+  Args:
+    image: uint8 [H, W, 3].
+    label: uint8 [H, W, 1] class ids.
+    size: (height, width) of the output.
+
+  Returns:
+    (uint8 [h, w, 3], uint8 [h, w, 1]). The image uses antialiasing when shrinking,
+    like PIL's bilinear resize in the reference code; labels are never interpolated.
+  """
+  size = tf.constant(size, tf.int32)
+  image = tf.image.resize(image, size, method="bilinear", antialias=True)
+  image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+  label = tf.image.resize(label, size, method="nearest")
+  return image, label
+
+
+def random_flip(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor):
+  """Flips image and label together with probability 1/2 (stateless: same seed, same flip).
+
+  Args:
+    image: [H, W, 3]; label: [H, W, 1]; seed: int64 [2] stateless seed.
+  """
+  flip = tf.random.stateless_uniform([], seed=seed) < 0.5
+  image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  label = tf.cond(flip, lambda: tf.reverse(label, axis=[1]), lambda: label)
+  return image, label
+
+
+def decode_example(example: dict, *, image_size: Sequence[int], train: bool,
+                   seed: tf.Tensor | None = None,
+                   label_map: Callable[[tf.Tensor], tf.Tensor] | None = None) -> dict:
+  """Decodes one undecoded example, resizes it and (when training) flips it.
+
+  Args:
+    example: {"image": bytes, "label": bytes, "domain": int32 [], "frame": string []}.
+    image_size: (height, width) of the output.
+    train: apply the random horizontal flip.
+    seed: int64 [2] stateless seed for the flip; required when `train`.
+    label_map: optional function of the decoded uint8 [H, W, 1] label, e.g. a lookup
+      from Cityscapes labelIds to trainIds.
+
+  Returns:
+    {"image": uint8 [h, w, 3], "label": uint8 [h, w], "domain": int32 [], "frame": string []}.
+  """
+  image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+  label = tf.io.decode_png(example["label"], channels=1)
+  if label_map is not None:
+    label = label_map(label)
+  image, label = resize_pair(image, label, image_size)
+  if train:
+    image, label = random_flip(image, label, seed)
+  return {"image": image, "label": label[..., 0],
+          "domain": tf.cast(example["domain"], tf.int32), "frame": example["frame"]}
+
+
+def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: int,
+           train: bool, seed: int = 0, shuffle_buffer: int = 512,
+           drop_remainder: bool | None = None,
+           label_map: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
+  """Turns undecoded examples into batches: shuffle, repeat, parallel decode, batch, prefetch.
+
+  Training streams repeat forever with a seeded reshuffle every epoch and a seeded flip per
+  element, so two streams with the same seed yield identical batches. Evaluation streams
+  run once, in order, and keep the last partial batch.
+
+  Args:
+    examples: undecoded examples (see module docstring).
+    image_size: (height, width).
+    batch_size: images per batch.
+    train: shuffle + repeat + flip, and drop the last partial batch by default.
+    seed: seed for shuffling and flips.
+    shuffle_buffer: elements in the shuffle buffer (compressed bytes, so it is cheap).
+    drop_remainder: override the default (True for training, False otherwise).
+    label_map: see `decode_example`.
+
+  Returns:
+    Dataset of {"image": uint8 [B,h,w,3], "label": uint8 [B,h,w], "domain": int32 [B],
+    "frame": string [B]}.
+  """
+  if train:
+    examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    examples = examples.repeat()
+  examples = examples.enumerate()
+
+  def decode(index, example):
+    element_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
+    return decode_example(example, image_size=image_size, train=train, seed=element_seed,
+                          label_map=label_map)
+
+  examples = examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if drop_remainder is None:
+    drop_remainder = train
+  examples = examples.batch(batch_size, drop_remainder=drop_remainder)
+  return examples.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,18 @@
+"""Shared fixtures: a small synthetic A2D2 tree, generated once per test session."""
+
+import os
+
+# Quiet TensorFlow's C++ start-up banner in test output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+from data_pipelines import synthetic
+
+
+@pytest.fixture(scope="session")
+def a2d2_root(tmp_path_factory):
+  """A synthetic A2D2 tree: 8 train, 3 val, 4 test frames per domain at 48x80."""
+  root = tmp_path_factory.mktemp("a2d2") / "raw"
+  return synthetic.generate(root, num_train=8, num_val=3, num_test=4, image_size=(48, 80),
+                            seed=0)
