@@ -347,7 +347,10 @@ def prepare(data_dir: str | os.PathLike, *, split_dir: str | os.PathLike | None 
       A failed preparation leaves nothing there (TFDS writes to a temporary folder and
       renames it when complete).
   """
-  builder = A2D2Segmentation(config=builder_config(split_dir),
+  config = builder_config(split_dir)
+  if config.name == A2D2Segmentation.BUILDER_CONFIGS[0].name:
+    config = config.name  # TFDS refuses a second instance of a registered config.
+  builder = A2D2Segmentation(config=config,
                              data_dir=None if tfds_dir is None else os.fspath(tfds_dir))
   if not builder.is_prepared():
     check_root(data_dir)

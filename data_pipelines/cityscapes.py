@@ -123,6 +123,21 @@ def _check_manual_dir(data_dir: str) -> None:
                       f"{_DOWNLOAD_URL} (free registration) into {data_dir}")
 
 
+def prepare(data_dir: str | os.PathLike, *, tfds_dir: str | os.PathLike | None = None):
+  """Prepares TFDS's Cityscapes shards from the zips once and returns the builder.
+
+  `data_dir` is checked only while the shards are missing, so the zips may be deleted
+  after preparation.
+  """
+  builder = tfds.builder(_TFDS_NAME, data_dir=None if tfds_dir is None else os.fspath(tfds_dir))
+  if not builder.is_prepared():
+    data_dir = os.fspath(data_dir)
+    _check_manual_dir(data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+  return builder
+
+
 def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int] = (512, 1024),
             batch_size: int, train: bool, seed: int = 0,
             groups: int | Sequence[Sequence[str]] = 2, tfds_dir: str | os.PathLike | None = None,
@@ -166,12 +181,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
                     "(validation and test cities belong to no expert group)")
   tfds_split, group = splits[split]
 
-  builder = tfds.builder(_TFDS_NAME, data_dir=None if tfds_dir is None else os.fspath(tfds_dir))
-  if not builder.is_prepared():
-    data_dir = os.fspath(data_dir)
-    _check_manual_dir(data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+  builder = prepare(data_dir, tfds_dir=tfds_dir)
   # Undecoded PNGs keep the shuffle buffer small; `transforms.stream` decodes in parallel.
   records = builder.as_dataset(
       split=tfds_split, shuffle_files=train, read_config=tfds.ReadConfig(shuffle_seed=seed),

@@ -1,10 +1,5 @@
 """Shared fixtures: a small synthetic A2D2 tree, generated once per test session."""
 
-import os
-
-# Quiet TensorFlow's C++ start-up banner in test output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import pytest
 
 from data_pipelines import synthetic

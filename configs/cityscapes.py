@@ -1,0 +1,32 @@
+"""Cityscapes with N experts, each trained on a group of training cities.
+
+  python -m moe_jax.main --config configs/cityscapes.py:4 \
+      --config.data.data_dir=/data/cityscapes_zips --workdir runs/cityscapes4
+
+The argument is the number of experts (default 2); the 18 training cities are cut into
+that many alphabetical groups (see data_pipelines.cityscapes.expert_groups), or give
+explicit groups with --config.data.groups. data_dir holds leftImg8bit_trainvaltest.zip
+and gtFine_trainvaltest.zip.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  try:
+    num_experts = int(arg or 2)
+  except ValueError:
+    raise ValueError(f"configs/cityscapes.py: the argument is the number of experts, "
+                     f"got {arg!r}.") from None
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "cityscapes"
+  config.data.data_dir = ""          # the folder holding the two Cityscapes zips (required)
+  config.data.tfds_dir = ""          # "" = TFDS's default (~/tensorflow_datasets)
+  config.data.image_size = (512, 1024)
+  config.data.shuffle_buffer = 256
+  config.data.groups = num_experts   # or explicit groups: (("aachen", ...), ...)
+  config.data.val_split = "validation"
+  config.data.test_splits = ("validation",)
+  return config
