@@ -1,8 +1,13 @@
 """Shared fixtures: a small synthetic A2D2 tree, generated once per test session."""
 
+import jax
 import pytest
 
 from data_pipelines import synthetic
+
+# As the CLI does: the "rbg" PRNG compiles parameter initialisation ~4x faster than the
+# default threefry on XLA CPU (measured: ResNet-18 DeepLab x4 experts, 17 s -> 4 s).
+jax.config.update("jax_default_prng_impl", "rbg")
 
 
 @pytest.fixture(scope="session")
