@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines import DataError
-from moe_jax import input_pipeline
+from moe_jax import checkpoint, input_pipeline
 
 STAGES = ("data",)
 
@@ -62,7 +62,7 @@ def main(argv) -> None:
     workdir = input_pipeline.workdir_path(_WORKDIR.value)
     with config.unlocked():
       input_pipeline.resolve_paths(config.data, workdir)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    checkpoint.save_config(workdir, config.to_json_best_effort(indent=2))
     if "data" in _STAGES.value:
       run_data_stage(config, workdir)
   except DataError as e:
