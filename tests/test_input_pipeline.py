@@ -1,0 +1,46 @@
+"""From a config file to batches, as the training stages will get them."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipelines import DataError
+from moe_jax import input_pipeline
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name, arg=""):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_smoke_config_gives_batches_of_each_expert_domain(tmp_path):
+  config = load_config("a2d2", "smoke")
+  input_pipeline.resolve_paths(config.data, tmp_path)
+  assert config.data.tfds_dir == f"{tmp_path}/data/tfds"
+  counts = input_pipeline.prepare(config.data)
+  assert counts["highway_train"] == counts["urban_train"] == 8
+  for domain, expert in enumerate(config.data.experts):
+    batch = next(input_pipeline.dataset(config.data, f"{expert}_train", batch_size=2,
+                                        train=True, seed=0).as_numpy_iterator())
+    assert batch["image"].shape == (2, *config.data.image_size, 3)
+    np.testing.assert_array_equal(batch["domain"], [domain, domain])
+
+
+def test_cityscapes_config_takes_the_number_of_experts():
+  assert load_config("cityscapes", "4").data.groups == 4
+  with pytest.raises(ValueError, match="number of experts, got 'four'"):
+    load_config("cityscapes", "four")
+
+
+def test_unknown_dataset_name(tmp_path):
+  config = load_config("a2d2", "smoke")
+  config.data.name = "kitti"
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(DataError, match="data.name='kitti' is unknown"):
+    input_pipeline.prepare(config.data)
