@@ -38,9 +38,7 @@ def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
                     f"{data.name}, or run the demo with --config configs/a2d2.py:synthetic.")
   if data.name == "a2d2":
     if data.synthetic is not None:
-      synthetic.generate(data.data_dir, num_train=data.synthetic.num_train,
-                         num_val=data.synthetic.num_val, num_test=data.synthetic.num_test,
-                         image_size=data.synthetic.image_size, seed=0)
+      synthetic.generate(data.data_dir, **data.synthetic.to_dict())
     builder = a2d2.prepare(data.data_dir, split_dir=data.split_dir or None,
                            tfds_dir=data.tfds_dir or None)
     splits = [f"{e}_train" for e in data.experts] + ["all_train", data.val_split,
