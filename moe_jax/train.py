@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+# Same value as data_pipelines.transforms.IGNORE_LABEL; not imported from there because
+# that module loads TensorFlow, which the library touches only at the input boundary.
 IGNORE_LABEL = 255
 
 
