@@ -55,7 +55,7 @@ def main() -> None:
     rows.append({"case": name, "frame_size": case["frame_size"],
                  "image_size": case["image_size"], "batch_size": args.batch_size,
                  "cpu_count": os.cpu_count(), **result})
-  print(f"\n| case | frames | output | batch | images/s (median) | min–max |")
+  print("\n| case | frames | output | batch | images/s (median) | min–max |")
   print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['case']} | {r['frame_size'][0]}x{r['frame_size'][1]} | "

@@ -5,7 +5,6 @@ scenes when the preset asks for them, write the TFDS shards once, count the fram
 Training, evaluation and the report arrive with the next issues.
 """
 
-import json
 import sys
 import time
 
@@ -24,7 +23,7 @@ _STAGES = flags.DEFINE_list("stages", list(STAGES), f"Stages to run, from {', '.
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run_data_stage(config, workdir) -> dict[str, int]:
+def run_data_stage(config) -> dict[str, int]:
   """Prepares the data and prints the number of frames per split."""
   start = time.perf_counter()
   counts = input_pipeline.prepare(config.data)
@@ -64,7 +63,7 @@ def main(argv) -> None:
       input_pipeline.resolve_paths(config.data, workdir)
     checkpoint.save_config(workdir, config.to_json_best_effort(indent=2))
     if "data" in _STAGES.value:
-      run_data_stage(config, workdir)
+      run_data_stage(config)
   except DataError as e:
     sys.exit(f"error: {e}")
 

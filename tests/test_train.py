@@ -1,10 +1,8 @@
 """Loss, optimiser and the compiled train step."""
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
