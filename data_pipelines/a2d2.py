@@ -25,6 +25,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -36,6 +37,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_pipelines import DataError, transforms
+
+# Every set of split lists is its own BuilderConfig by design (named by the lists' hash);
+# TFDS warns "Using custom data configuration" each time one is opened. Silence only that.
+logging.getLogger("absl").addFilter(
+    lambda record: "Using custom data configuration" not in record.getMessage())
 
 CLASS_NAMES = (
     "Car", "Bicycle", "Pedestrian", "Truck", "Small vehicles", "Traffic signal",
@@ -380,7 +386,7 @@ def num_examples(split: str, builder: A2D2Segmentation) -> int:
 def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int] = (912, 912),
             batch_size: int, train: bool, seed: int = 0,
             split_dir: str | os.PathLike | None = None,
-            tfds_dir: str | os.PathLike | None = None, shuffle_buffer: int = 512,
+            tfds_dir: str | os.PathLike | None = None, shuffle_buffer: int = 512, start: int = 0,
             drop_remainder: bool | None = None) -> tf.data.Dataset:
   """Batches of an A2D2 split, prepared on first use.
 
@@ -395,6 +401,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
     seed: shuffling and flip seed.
     split_dir, tfds_dir: see `prepare`.
     shuffle_buffer: frames in the shuffle buffer (encoded bytes).
+    start: training only: index of the first frame of the endless stream (resume).
     drop_remainder: default True when training, False otherwise.
 
   Returns:
@@ -407,5 +414,5 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
       read_config=tfds.ReadConfig(shuffle_seed=seed),
       decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
   return transforms.stream(examples, image_size=image_size, batch_size=batch_size,
-                           train=train, seed=seed, shuffle_buffer=shuffle_buffer,
+                           train=train, seed=seed, shuffle_buffer=shuffle_buffer, start=start,
                            drop_remainder=drop_remainder)

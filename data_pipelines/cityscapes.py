@@ -138,10 +138,33 @@ def prepare(data_dir: str | os.PathLike, *, tfds_dir: str | os.PathLike | None =
   return builder
 
 
+def num_examples(data_dir: str | os.PathLike, split: str, *,
+                 groups: int | Sequence[Sequence[str]] = 2,
+                 tfds_dir: str | os.PathLike | None = None) -> int:
+  """Number of frames in a split of `dataset` ("train", "group1_train", ...).
+
+  A city group's count reads the train split's image ids once (no image is decoded).
+  """
+  groups = expert_groups(groups)
+  builder = prepare(data_dir, tfds_dir=tfds_dir)
+  if split in builder.info.splits:
+    return builder.info.splits[split].num_examples
+  names = {f"group{k}_train": members for k, members in enumerate(groups)}
+  if split not in names:
+    raise DataError(f"split {split!r} is unknown; use one of: train, validation, test, "
+                    f"{', '.join(names)}")
+  ids = builder.as_dataset(split="train", decoders={
+      "image_left": tfds.decode.SkipDecoding(), "segmentation_label": tfds.decode.SkipDecoding()})
+  members = tf.constant(names[split])
+  return int(ids.reduce(0, lambda count, record: count + tf.cast(
+      tf.reduce_any(cities(record["image_id"]) == members), tf.int32)))
+
+
 def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int] = (512, 1024),
             batch_size: int, train: bool, seed: int = 0,
             groups: int | Sequence[Sequence[str]] = 2, tfds_dir: str | os.PathLike | None = None,
-            shuffle_buffer: int = 256, drop_remainder: bool | None = None) -> tf.data.Dataset:
+            shuffle_buffer: int = 256, start: int = 0,
+            drop_remainder: bool | None = None) -> tf.data.Dataset:
   """Cityscapes batches with trainId labels and the expert group of each city as domain.
 
   The first call for a `tfds_dir` prepares the TFDS shards from the zips in `data_dir`;
@@ -163,6 +186,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
       (~/tensorflow_datasets or $TFDS_DATA_DIR).
     shuffle_buffer: examples in the shuffle buffer. An example is ~2.2 MB of PNG bytes
       (11 GB / 5000 frames), so the default holds ~0.6 GB.
+    start: training only: index of the first frame of the endless stream (resume).
     drop_remainder: override the default (True for training, False otherwise).
 
   Returns:
@@ -199,5 +223,5 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
   if group is not None:
     examples = examples.filter(lambda example: example["domain"] == group)
   return transforms.stream(examples, image_size=image_size, batch_size=batch_size, train=train,
-                           seed=seed, shuffle_buffer=shuffle_buffer,
+                           seed=seed, shuffle_buffer=shuffle_buffer, start=start,
                            drop_remainder=drop_remainder, label_map=train_ids)

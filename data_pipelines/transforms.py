@@ -73,14 +73,17 @@ def decode_example(example: dict, *, image_size: Sequence[int], train: bool,
 
 
 def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: int,
-           train: bool, seed: int = 0, shuffle_buffer: int = 512,
+           train: bool, seed: int = 0, shuffle_buffer: int = 512, start: int = 0,
            drop_remainder: bool | None = None,
            label_map: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
   """Turns undecoded examples into batches: shuffle, repeat, parallel decode, batch, prefetch.
 
-  Training streams repeat forever with a seeded reshuffle every epoch and a seeded flip per
-  element, so two streams with the same seed yield identical batches. Evaluation streams
-  run once, in order, and keep the last partial batch.
+  Training streams repeat forever; epoch e is shuffled with a seed derived from (seed, e)
+  and element i is flipped with the stateless seed (seed, i), so two streams with the same
+  seed yield identical batches, and a stream opened at `start` yields exactly what the
+  full stream yields from element `start` on (a resumed run continues where it stopped;
+  the skip reads at most one epoch of undecoded bytes and decodes nothing). Evaluation
+  streams run once, in order, and keep the last partial batch.
 
   Args:
     examples: undecoded examples (see module docstring).
@@ -89,6 +92,7 @@ def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: 
     train: shuffle + repeat + flip, and drop the last partial batch by default.
     seed: seed for shuffling and flips.
     shuffle_buffer: elements in the shuffle buffer (compressed bytes, so it is cheap).
+    start: training only: index of the first element (e.g. step x batch size on resume).
     drop_remainder: override the default (True for training, False otherwise).
     label_map: see `decode_example`.
 
@@ -97,9 +101,19 @@ def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: 
     "frame": string [B]}.
   """
   if train:
-    examples = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    examples = examples.repeat()
-  examples = examples.enumerate()
+    size = int(examples.cardinality())
+    if size == tf.data.UNKNOWN_CARDINALITY:  # a filtered split (Cityscapes city groups)
+      size = int(examples.reduce(0, lambda count, _: count + 1))
+    if size <= 0:
+      raise ValueError("a training stream needs a non-empty split")
+    first_epoch, offset = divmod(start, size)
+    one_epoch = examples
+    examples = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
+        lambda epoch: one_epoch.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch))
+    examples = examples.skip(offset)
+  elif start:
+    raise ValueError("start is for training streams; evaluation streams always start at 0")
+  examples = examples.enumerate(start=start)
 
   def decode(index, example):
     element_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])

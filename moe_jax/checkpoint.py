@@ -29,7 +29,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import logging
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 PyTree = Any
 
@@ -212,7 +213,8 @@ class StageCheckpoints:
 
   # ---------------------------------------------------------------- restore
 
-  def restore(self, step: int | None, abstract_state: PyTree) -> tuple[PyTree, dict]:
+  def restore(self, step: int | None, abstract_state: PyTree, *,
+              partial: bool = False) -> tuple[PyTree, dict]:
     """Restores `step` (None: the latest) into the structure of `abstract_state`.
 
     Args:
@@ -220,6 +222,8 @@ class StageCheckpoints:
       abstract_state: the target pytree; leaves are `jax.ShapeDtypeStruct` (e.g. from
         `nnx.eval_shape` + `nnx.split`) or concrete arrays (only shape/dtype are used) or
         Python scalars. Arrays come back with the target's dtype.
+      partial: `abstract_state` is a dict naming some of the saved state's top-level keys
+        (e.g. {"model": ...} of a {"model", "optimizer"} state); only those come back.
 
     Returns:
       (state, meta): `state` has `abstract_state`'s structure with every array a jax.Array
@@ -230,7 +234,18 @@ class StageCheckpoints:
     """
     step = self._resolve_step(step)
     path = self.directory / str(step)
-    _check_compatible(path, self._state_metadata(step), abstract_state)
+    stored = self._state_metadata(step)
+    wanted = abstract_state
+    if partial:
+      missing = sorted(set(abstract_state) - set(stored))
+      if missing:
+        raise CheckpointError(f"checkpoint {path} has no {missing[0]!r} state (it has "
+                              f"{', '.join(sorted(stored))}); is it a different stage's?")
+      # Orbax's standard handler restores whole trees: read the other keys as stored.
+      abstract_state = {key: abstract_state.get(key, jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), value))
+                        for key, value in stored.items()}
+    _check_compatible(path, stored, abstract_state)
     target = restore_target(abstract_state)
     try:
       restored = self._manager.restore(
@@ -241,14 +256,19 @@ class StageCheckpoints:
           f"checkpoint {path} could not be read ({type(e).__name__}: {_first_line(e)}); "
           "delete that step directory to fall back to the previous one, or use a fresh "
           "--workdir") from e
-    return restored[_STATE], dict(restored[_META])
+    state = restored[_STATE]
+    if partial:
+      state = {key: state[key] for key in wanted}
+    return state, dict(restored[_META])
 
-  def restore_best(self, abstract_state: PyTree) -> tuple[PyTree, dict]:
+  def restore_best(self, abstract_state: PyTree, *, partial: bool = False
+                   ) -> tuple[PyTree, dict]:
     """Restores the step with the highest val_miou (the latest if none has one).
 
     Same contract as `restore`; meta["step"] says which step it was.
     """
-    return self.restore(self._resolve_step(self.best_step()), abstract_state)
+    return self.restore(self._resolve_step(self.best_step()), abstract_state,
+                        partial=partial)
 
   # ---------------------------------------------------------------- internals
 
@@ -325,6 +345,34 @@ class StageCheckpoints:
       self._manager.reload()
 
 
+def restore_model(workdir: str | os.PathLike, stage: str, make: Callable[[], Any]
+                  ) -> tuple[Any, dict]:
+  """The best checkpoint of a finished stage as a model; no random initialisation runs.
+
+  Args:
+    workdir: the run's directory.
+    stage: "experts", "baseline", "deep_ensemble" or "gate".
+    make: builds the nnx model as the stage did (from the run's config); it is only
+      traced (`nnx.eval_shape`) for the structure and shapes.
+
+  Returns:
+    (model, meta): the model holding the checkpoint's "model" state (the optimiser state
+    is not read), and the step's meta dict.
+
+  Raises:
+    CheckpointError: the stage has not finished (or never ran) in `workdir`, or the
+      checkpoint was written for a different model config.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  with StageCheckpoints(workdir, stage, save_every=1) as ckpt:
+    if not ckpt.is_finished():
+      raise CheckpointError(
+          f"stage '{stage}' has not finished in {ckpt.directory}; run it first "
+          f"(--stages={stage}) with the same --workdir")
+    restored, meta = ckpt.restore_best({"model": abstract}, partial=True)
+  return nnx.merge(graphdef, restored["model"]), meta
+
+
 # -------------------------------------------------------------------- restore helpers
 
 def restore_target(abstract_state: PyTree) -> PyTree:
@@ -396,30 +444,15 @@ def _first_line(e: BaseException) -> str:
 
 # -------------------------------------------------------------------- config
 
-def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> pathlib.Path:
-  """Writes the resolved config to `<workdir>/config.json`, atomically.
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> pathlib.Path:
+  """Writes a JSON object to `path` atomically (readers see the old file or the new one).
 
-  Args:
-    workdir: the run's directory (created if missing).
-    config: a JSON-able mapping, or a JSON object string (e.g.
-      `ConfigDict.to_json_best_effort()`).
-
-  Returns:
-    The path of config.json. Readers see the old file or the new one, never a mix: the
-    text goes to a temp file in the same directory that is then `os.replace`d.
+  The text goes to a temp file in the same directory, is fsynced, then `os.replace`d.
   """
-  if isinstance(config, str):
-    try:
-      config = json.loads(config)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"config string is not JSON: {e}") from e
-  if not isinstance(config, Mapping):
-    raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
-  text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-  directory = pathlib.Path(workdir).expanduser()
-  directory.mkdir(parents=True, exist_ok=True)
-  target = directory / CONFIG_FILE
-  fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", suffix=".tmp", dir=directory)
+  text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+  target = pathlib.Path(path).expanduser()
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
@@ -430,6 +463,27 @@ def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> 
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
   return target
+
+
+def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> pathlib.Path:
+  """Writes the resolved config to `<workdir>/config.json`, atomically (see `write_json`).
+
+  Args:
+    workdir: the run's directory (created if missing).
+    config: a JSON-able mapping, or a JSON object string (e.g.
+      `ConfigDict.to_json_best_effort()`).
+
+  Returns:
+    The path of config.json.
+  """
+  if isinstance(config, str):
+    try:
+      config = json.loads(config)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"config string is not JSON: {e}") from e
+  if not isinstance(config, Mapping):
+    raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
+  return write_json(pathlib.Path(workdir) / CONFIG_FILE, config)
 
 
 def load_config(workdir: str | os.PathLike) -> dict:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import ml_collections
+import numpy as np
 
 from data_pipelines import DataError, a2d2, cityscapes, synthetic
+from data_pipelines.transforms import IGNORE_LABEL
 
 
 def resolve_paths(data: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
@@ -52,13 +55,85 @@ def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def dataset(data: ml_collections.ConfigDict, split: str, *, batch_size: int, train: bool,
-            seed: int):
-  """Batches of `split` as a tf.data.Dataset (see data_pipelines.a2d2.dataset)."""
+            seed: int, start: int = 0):
+  """Batches of `split` as a tf.data.Dataset (see data_pipelines.a2d2.dataset).
+
+  `start` (training only) is the index of the first frame of the endless stream.
+  """
   common = dict(image_size=tuple(data.image_size), batch_size=batch_size, train=train,
-                seed=seed, tfds_dir=data.tfds_dir or None, shuffle_buffer=data.shuffle_buffer)
+                seed=seed, tfds_dir=data.tfds_dir or None, shuffle_buffer=data.shuffle_buffer,
+                start=start)
   if data.name == "a2d2":
     return a2d2.dataset(data.data_dir, split, split_dir=data.split_dir or None, **common)
   return cityscapes.dataset(data.data_dir, split, groups=data.groups, **common)
+
+
+def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
+  """Frames in `split`."""
+  if data.name == "a2d2":
+    builder = a2d2.prepare(data.data_dir, split_dir=data.split_dir or None,
+                           tfds_dir=data.tfds_dir or None)
+    return a2d2.num_examples(split, builder)
+  return cityscapes.num_examples(data.data_dir, split, groups=data.groups,
+                                 tfds_dir=data.tfds_dir or None)
+
+
+def expert_names(data: ml_collections.ConfigDict) -> list[str]:
+  """One name per expert: A2D2 domains ("highway", "urban"), Cityscapes "group<k>"."""
+  if data.name == "a2d2":
+    return list(data.experts)
+  return [f"group{k}" for k in range(len(cityscapes.expert_groups(data.groups)))]
+
+
+def class_names(data: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The names of the C classes, in class-id order."""
+  return a2d2.CLASS_NAMES if data.name == "a2d2" else cityscapes.CLASS_NAMES
+
+
+def expert_split(data: ml_collections.ConfigDict, name: str, part: str) -> str:
+  """The split expert `name` trains ("train") or validates ("val") on.
+
+  Cityscapes has no per-group validation cities, so every expert validates on the whole
+  validation split.
+  """
+  if part == "val" and data.name == "cityscapes":
+    return data.val_split
+  return f"{name}_{part}"
+
+
+def train_batches(data: ml_collections.ConfigDict, splits: Sequence[str], *, batch_size: int,
+                  seeds: Sequence[int], start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Endless training batches, one stream per split, stacked on a leading member axis.
+
+  Member k draws from `splits[k]` with `seeds[k]` (experts: one domain each; a deep
+  ensemble: the same split with different seeds). Resuming at `start_step` continues
+  each stream exactly where the uninterrupted run would be.
+
+  Yields:
+    {"image": uint8 [K, B, H, W, 3], "label": uint8 [K, B, H, W]}.
+  """
+  streams = [dataset(data, split, batch_size=batch_size, train=True, seed=seed,
+                     start=start_step * batch_size).as_numpy_iterator()
+             for split, seed in zip(splits, seeds, strict=True)]
+  for batches in zip(*streams):
+    yield {key: np.stack([b[key] for b in batches]) for key in ("image", "label")}
+
+
+def eval_batches(data: ml_collections.ConfigDict, split: str, *,
+                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over `split` in batches of exactly `batch_size` (one compiled shape).
+
+  The last batch is padded with black images labelled 255 (ignored by every metric).
+
+  Yields:
+    {"image": uint8 [B, H, W, 3], "label": uint8 [B, H, W]}.
+  """
+  for batch in dataset(data, split, batch_size=batch_size, train=False,
+                       seed=0).as_numpy_iterator():
+    pad = batch_size - len(batch["image"])
+    yield {"image": np.pad(batch["image"], [(0, pad), (0, 0), (0, 0), (0, 0)]),
+           "label": np.pad(batch["label"], [(0, pad), (0, 0), (0, 0)],
+                           constant_values=IGNORE_LABEL)}
 
 
 def workdir_path(workdir: str | os.PathLike) -> Path:

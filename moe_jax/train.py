@@ -1,18 +1,37 @@
-"""Losses, optimisers and the compiled train step shared by every stage.
+"""Training: losses, optimisers, the one compiled train step, the loop, and the stages.
 
-Status: the step and its pieces exist and are tested; the stage loops (experts, baseline,
-gate) that drive them from `moe_jax.main` come next (issue 3).
+Every stage (experts, baseline, deep_ensemble, gate) is the same loop (`fit`) around the
+same compiled step (`train_step`) with its own model, loss, batches and optimiser filter:
+
+- experts: K experts with stacked parameters, expert k on a batch of its own domain
+  (one stream per domain, stacked to [K, B, ...]), so all K cost one compiled step;
+- baseline: one DeepLabv3+ on all training data (the MC-dropout baseline);
+- deep_ensemble: M such models with different seeds, stacked like the experts (optional);
+- gate: the MoE with the best experts frozen (eval-mode BatchNorm, no dropout, no
+  gradients: the optimiser only sees the gate and the fusion conv).
+
+Each stage validates (mIoU) and checkpoints every `eval_every_epochs`, keeps the best,
+skips itself when already finished and resumes from its last checkpoint otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
+from clu import metric_writers
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from tqdm import tqdm
+
+from moe_jax import checkpoint, evaluate, input_pipeline, metrics
+from moe_jax.models import build
 
 # Same value as data_pipelines.transforms.IGNORE_LABEL; not imported from there because
 # that module loads TensorFlow, which the library touches only at the input boundary.
@@ -68,6 +87,23 @@ def expert_loss(experts: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
   return jnp.sum(jax.vmap(cross_entropy)(logits, batch["label"]))
 
 
+def single_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+  """One DeepLabV3Plus on batch {"image": uint8 [B, H, W, 3], "label": [B, H, W]}."""
+  logits, _ = model(batch["image"].astype(jnp.float32) / 255.0)
+  return cross_entropy(logits, batch["label"])
+
+
+def mixture_loss(moe: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+  """The MoE's fused logits on batch {"image": uint8 [B, H, W, 3], "label": [B, H, W]}."""
+  return cross_entropy(moe(batch["image"].astype(jnp.float32) / 255.0)["logits"],
+                       batch["label"])
+
+
+# Parameters the gate stage trains; everything else in the MoE (the experts) is frozen.
+GATE_PARAMS = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("gate"),
+                                         nnx.PathContains("fusion_conv")))
+
+
 @nnx.jit(static_argnums=(0,), donate_argnums=(1, 2))
 def train_step(loss_fn: Callable, model: nnx.Module, optimizer: nnx.Optimizer,
                batch: dict[str, jax.Array]) -> jax.Array:
@@ -79,3 +115,203 @@ def train_step(loss_fn: Callable, model: nnx.Module, optimizer: nnx.Optimizer,
       model, batch)
   optimizer.update(model, grads)
   return loss
+
+
+def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Callable,
+        batches: Callable[[int], Iterator[dict]], total_steps: int, eval_every: int,
+        validate: Callable[[nnx.Module], float], workdir: str | Path, keep: int,
+        log_every: int, images_per_step: int, train_mode: bool = True) -> dict:
+  """Trains `model` for `total_steps`, validating and checkpointing every `eval_every`.
+
+  A finished stage is skipped; an interrupted one resumes from its latest checkpoint
+  (model, optimiser and data position), so the result equals an uninterrupted run's.
+
+  Args:
+    stage: checkpoint/TensorBoard name ("experts", "baseline", "gate", ...).
+    model, optimizer: what trains; `optimizer.wrt` decides which parameters move.
+    loss_fn: `loss_fn(model, batch) -> scalar` (static for jit: a module-level function).
+    batches: `batches(first_step)` -> iterator of batches for steps first_step+1, ...
+    total_steps, eval_every: in optimiser steps.
+    validate: model (in eval mode) -> validation mIoU.
+    workdir: the run's directory (checkpoints/<stage>, tensorboard/<stage>).
+    keep: checkpoints kept besides the best.
+    log_every: steps between loss readouts (each readout waits for the device).
+    images_per_step: for the images/s readout.
+    train_mode: False keeps the whole model in eval mode (the gate stage: the frozen
+      experts' BatchNorm must not drift and their dropout stays off).
+
+  Returns:
+    The meta dict of the best checkpoint ({"step", "val_miou", "finished"}).
+  """
+  with checkpoint.StageCheckpoints(workdir, stage, save_every=eval_every, keep=keep) as ckpt:
+    if ckpt.is_finished():
+      best = ckpt.read_meta(ckpt.best_step())
+      print(f"{stage}: already finished (best val mIoU {_percent(best['val_miou'])} at step "
+            f"{best['step']}); skipped. Delete {ckpt.directory} to train it again.")
+      return best
+    start = 0
+    if ckpt.latest_step() is not None:
+      restored, meta = ckpt.restore(None, _train_state(model, optimizer))
+      nnx.update(model, restored["model"])
+      nnx.update(optimizer, restored["optimizer"])
+      start = meta["step"]
+      print(f"{stage}: resuming from the checkpoint at step {start} of {total_steps}")
+    writer = metric_writers.create_default_writer(
+        str(Path(workdir) / "tensorboard" / stage), just_logging=jax.process_index() > 0)
+    _set_mode(model, train_mode)
+    stream = batches(start)
+    began = time.perf_counter()
+    with tqdm(total=total_steps * images_per_step, initial=start * images_per_step,
+              unit="img", desc=stage, mininterval=1.0, dynamic_ncols=True) as bar:
+      for step in range(start + 1, total_steps + 1):
+        loss = train_step(loss_fn, model, optimizer, next(stream))
+        bar.update(images_per_step)
+        if step % log_every == 0 or step == total_steps:
+          loss = float(loss)
+          if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"{stage}: loss is {loss} at step {step}; the last good checkpoint is kept "
+                f"in {ckpt.directory}. Lower the learning rate (config key "
+                f"train.{stage}.optimizer.learning_rate) and rerun to resume from it.")
+          bar.set_postfix(step=step, loss=f"{loss:.4f}")
+          writer.write_scalars(step, {"loss": loss})
+        if step % eval_every == 0 or step == total_steps:
+          _set_mode(model, False)
+          val_miou = validate(model)
+          _set_mode(model, train_mode)
+          writer.write_scalars(step, {"val_miou": val_miou})
+          bar.write(f"{stage}: step {step}/{total_steps}  val mIoU {_percent(val_miou)}")
+          ckpt.save(step, _train_state(model, optimizer), val_miou=val_miou,
+                    finished=step == total_steps, force=True)
+    writer.close()
+    best = ckpt.read_meta(ckpt.best_step())
+    print(f"{stage}: done in {time.perf_counter() - began:.0f} s; best val mIoU "
+          f"{_percent(best['val_miou'])} at step {best['step']}")
+    return best
+
+
+def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+  return {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+
+
+def _set_mode(model: nnx.Module, train: bool) -> None:
+  model.train() if train else model.eval()
+
+
+def _percent(value: float | None) -> str:
+  return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+# ------------------------------------------------------------------------------ stages
+
+def _schedule(section: ml_collections.ConfigDict, name: str, split_sizes: Sequence[int]):
+  """(steps per epoch, total steps, eval every) for a stage; an epoch = the largest split."""
+  steps_per_epoch = max(split_sizes) // section.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"config key train.{name}.batch_size={section.batch_size} is larger "
+                     f"than the training split ({max(split_sizes)} frames); lower it.")
+  total = section.epochs * steps_per_epoch
+  eval_every = max(1, section.eval_every_epochs * steps_per_epoch)
+  return steps_per_epoch, total, min(eval_every, total)
+
+
+def _stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Module], float]:
+  """Mean over members of member k's mIoU on val_splits[k] (one pass per distinct split)."""
+  def validate(members: nnx.Module) -> float:
+    scores = [math.nan] * len(val_splits)
+    for split in dict.fromkeys(val_splits):
+      cms = evaluate.confusions(evaluate.member_predictions, members,
+                                input_pipeline.eval_batches(config.data, split,
+                                                            batch_size=config.eval.batch_size),
+                                config.data.num_classes)
+      for k, own in enumerate(val_splits):
+        if own == split:
+          scores[k] = metrics.mean_iou(cms[str(k)])
+    return float(np.mean(scores))
+  return validate
+
+
+def _validation(config, predict: Callable, method: str) -> Callable[[nnx.Module], float]:
+  """mIoU of `method` (a key of `predict`'s output) on the config's val split."""
+  def validate(model: nnx.Module) -> float:
+    cms = evaluate.confusions(predict, model,
+                              input_pipeline.eval_batches(config.data, config.data.val_split,
+                                                          batch_size=config.eval.batch_size),
+                              config.data.num_classes)
+    return metrics.mean_iou(cms[method])
+  return validate
+
+
+def _first_member(stream: Iterator[dict]) -> Iterator[dict]:
+  return ({key: value[0] for key, value in batch.items()} for batch in stream)
+
+
+def _train(config, workdir, stage: str, model: nnx.Module, *, loss_fn: Callable,
+           train_splits: list[str], validate: Callable[[nnx.Module], float],
+           stacked: bool, wrt=nnx.Param, train_mode: bool = True) -> dict:
+  """Runs `fit` for a stage from its config section `train.<stage>`.
+
+  `stacked`: member k of a stacked model takes a batch of `train_splits[k]`, all stacked to
+  [K, B, ...]; otherwise the model takes plain batches [B, ...] of the one split.
+  """
+  section, data = config.train[stage], config.data
+  sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
+  _, total, eval_every = _schedule(section, stage, sizes)
+  seeds = [config.seed + build.SEED_OFFSETS[stage] + k for k in range(len(train_splits))]
+
+  def batches(first: int) -> Iterator[dict]:
+    stream = input_pipeline.train_batches(data, train_splits, batch_size=section.batch_size,
+                                          seeds=seeds, start_step=first)
+    return stream if stacked else _first_member(stream)
+
+  optimizer = nnx.Optimizer(model, make_optimizer(section.optimizer, total), wrt=wrt)
+  return fit(stage, model=model, optimizer=optimizer, loss_fn=loss_fn, batches=batches,
+             total_steps=total, eval_every=eval_every, validate=validate, workdir=workdir,
+             keep=config.train.keep_checkpoints, log_every=config.train.log_every,
+             images_per_step=section.batch_size * len(train_splits), train_mode=train_mode)
+
+
+def train_experts(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Stage "experts": K experts at once, expert k on its own domain's training split."""
+  names = input_pipeline.expert_names(config.data)
+  return _train(
+      config, workdir, "experts", build.experts(config, len(names)), loss_fn=expert_loss,
+      train_splits=[input_pipeline.expert_split(config.data, n, "train") for n in names],
+      stacked=True, validate=_stacked_validation(
+          config, [input_pipeline.expert_split(config.data, n, "val") for n in names]))
+
+
+def train_deep_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
+  """Stage "deep_ensemble": M models on all training data with different seeds and data
+  orders, trained at once like the experts. None when model.deep_ensemble_members is 0."""
+  members = config.model.deep_ensemble_members
+  if not members:
+    print("deep_ensemble: skipped (config key model.deep_ensemble_members=0)")
+    return None
+  return _train(config, workdir, "deep_ensemble", build.deep_ensemble(config),
+                loss_fn=expert_loss, train_splits=[config.data.train_split] * members,
+                stacked=True,
+                validate=_stacked_validation(config, [config.data.val_split] * members))
+
+
+def train_baseline(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Stage "baseline": one DeepLabv3+ on all training data (the MC-dropout baseline)."""
+  return _train(config, workdir, "baseline", build.baseline(config), loss_fn=single_loss,
+                train_splits=[config.data.train_split], stacked=False,
+                validate=_validation(config, evaluate.single_predictions, "model"))
+
+
+def mixture_with_trained_experts(config: ml_collections.ConfigDict,
+                                 workdir: str | Path) -> nnx.Module:
+  """The MoE around the experts stage's best checkpoint (gate freshly initialised)."""
+  num = len(input_pipeline.expert_names(config.data))
+  experts, _ = checkpoint.restore_model(workdir, "experts", lambda: build.experts(config, num))
+  return build.mixture(config, experts)
+
+
+def train_gate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Stage "gate": the gate (and fusion conv) on all training data, experts frozen."""
+  return _train(config, workdir, "gate", mixture_with_trained_experts(config, workdir),
+                loss_fn=mixture_loss, train_splits=[config.data.train_split], stacked=False,
+                validate=_validation(config, evaluate.mixture_predictions, "moe"),
+                wrt=GATE_PARAMS, train_mode=False)

@@ -167,6 +167,23 @@ def test_train_stream_is_deterministic_and_repeats(a2d2_root, tfds_dir):
   assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
 
 
+def test_train_stream_opened_at_start_continues_the_full_stream(a2d2_root, tfds_dir):
+  """Resuming: the stream from element 12 (epoch 1 of 8 frames, offset 4) equals the full
+  stream's batches 3.. , frames, flips and the second epoch's reshuffle included."""
+  full = make_dataset(a2d2_root, "highway_train", tfds_dir, train=True, seed=3)
+  full = [b for _, b in zip(range(6), full.as_numpy_iterator())]
+  resumed = make_dataset(a2d2_root, "highway_train", tfds_dir, train=True, seed=3, start=12)
+  resumed = [b for _, b in zip(range(3), resumed.as_numpy_iterator())]
+  for x, y in zip(full[3:], resumed, strict=True):
+    np.testing.assert_array_equal(x["frame"], y["frame"])
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  epochs = [sorted(np.concatenate([b["frame"] for b in full[i:i + 2]])) for i in (0, 2)]
+  assert epochs[0] == epochs[1]  # each epoch shows every frame once
+  assert not np.array_equal(np.concatenate([b["frame"] for b in full[0:2]]),
+                            np.concatenate([b["frame"] for b in full[2:4]]))  # reshuffled
+
+
 def test_flip_applies_to_image_and_label_together(a2d2_root, tfds_dir):
   reference = {f: (i, l) for b in make_dataset(a2d2_root, "highway_train", tfds_dir,
                                                batch_size=8).as_numpy_iterator()

@@ -1,6 +1,8 @@
 """The command line, run as a user runs it (subprocesses)."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +12,76 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_main(*args, workdir):
+def run_main(*args, workdir, env=None):
   result = subprocess.run(
       [sys.executable, "-m", "moe_jax.main", f"--workdir={workdir}", *args],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=None if env is None else {**os.environ, **env})
   return result.returncode, result.stdout, result.stderr
+
+
+METHODS = {"expert_highway", "expert_urban", "ensemble", "moe", "baseline"}
+TEST_SPLITS = {"highway_test", "urban_test", "all_test", "ambiguous_test"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """The whole smoke pipeline, run once for the tests below (about a minute)."""
+  workdir = tmp_path_factory.mktemp("smoke") / "run"
+  # Compiled programs are cached on disk, so the reruns below skip XLA's compile time.
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=workdir, env=env)
+  assert code == 0, err[-3000:]
+  return workdir, out, env
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
+  workdir, out, _ = smoke_run
+  for stage in ("experts", "baseline", "gate"):
+    assert f"{stage}: done in" in out
+    steps = [p.name for p in (workdir / "checkpoints" / stage).iterdir()]
+    assert steps and all(s.isdigit() for s in steps), steps
+    assert list((workdir / "tensorboard" / stage).glob("events.out.tfevents.*"))
+  assert "deep_ensemble: skipped" in out
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results["splits"]) == TEST_SPLITS
+  for split, methods in results["splits"].items():
+    assert set(methods) == METHODS, split
+    for entry in methods.values():
+      assert 0.0 <= entry["miou"] <= 1.0 and len(entry["iou_per_class"]) == 38
+  assert set(results["checkpoints"]) == {"gate", "baseline"}
+  assert len(results["class_names"]) == 38
+  for method in METHODS:  # the printed table is the JSON's
+    miou = results["splits"]["all_test"][method]["miou"]
+    assert re.search(rf"^{method}\s.*{100 * miou:.1f}\s+[\d.]+$", out, re.M), method
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages_and_reproduces_the_results(smoke_run):
+  workdir, _, env = smoke_run
+  before = json.loads((workdir / "results.json").read_text())
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=workdir, env=env)
+  assert code == 0, err[-3000:]
+  for stage in ("experts", "baseline", "gate"):
+    assert f"{stage}: already finished" in out
+  assert json.loads((workdir / "results.json").read_text()) == before
+
+
+@pytest.mark.slow
+def test_a_stage_before_its_inputs_exist_says_what_to_run(tmp_path):
+  code, _, err = run_main("--config=configs/a2d2.py:smoke", "--stages=gate",
+                          workdir=tmp_path)
+  assert code != 0
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: stage 'experts' has not finished in ") and \
+      "run it first (--stages=experts)" in last, last
 
 
 @pytest.mark.slow
 def test_smoke_preset_prepares_the_data_and_saves_the_config(tmp_path):
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=tmp_path)
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", "--stages=data",
+                            workdir=tmp_path)
   assert code == 0, err[-2000:]
   assert "all_train            16 frames" in out
   assert "ambiguous_test        4 frames" in out
@@ -27,7 +89,8 @@ def test_smoke_preset_prepares_the_data_and_saves_the_config(tmp_path):
   assert config["data"]["data_dir"] == f"{tmp_path}/data/a2d2_synthetic"
   assert (tmp_path / "data" / "a2d2_synthetic" / "class_list.json").is_file()
   # A rerun reuses the generated tree and the shards.
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=tmp_path)
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", "--stages=data",
+                            workdir=tmp_path)
   assert code == 0 and "all_train            16 frames" in out
 
 
@@ -47,7 +110,7 @@ def test_smoke_preset_prepares_the_data_and_saves_the_config(tmp_path):
     (["--config=configs/a2d2.py:smoke", "--config.data.image_size=(32,)"],
      "error: config key data.image_size=(32,) must be two positive ints"),
     (["--config=configs/a2d2.py:smoke", "--stages=data,dance"],
-     "error: unknown stage(s) dance; implemented: data"),
+     "error: unknown stage(s) dance; the stages: data, experts, baseline"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):
   code, out, err = run_main(*args, workdir=tmp_path / "run")

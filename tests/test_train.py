@@ -1,5 +1,6 @@
 """Loss, optimiser and the compiled train step."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -59,3 +60,110 @@ def test_expert_steps_reduce_the_loss_and_are_deterministic():
   first = run_expert_steps(seed=0)
   assert first[-1] < first[0]
   assert run_expert_steps(seed=0) == first
+
+
+def as_numpy(tree):
+  """Every leaf as a numpy array (typed PRNG keys as their key data)."""
+  def leaf(a):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a = jax.random.key_data(a)
+    return np.array(a)
+  return jax.tree.map(leaf, tree)
+
+
+def tiny_moe(seed=0):
+  experts = moe.StackedExperts(moe.make_expert(SMALL, 3), 2, execution="unroll",
+                               rngs=nnx.Rngs(seed))
+  return moe.MixtureOfExperts(experts, num_classes=3, image_size=(32, 32), gate="simple",
+                              fusion_conv=True, gate_hidden=8, rngs=nnx.Rngs(seed + 1))
+
+
+def test_gate_stage_leaves_the_frozen_experts_untouched():
+  model = tiny_moe()
+  model.eval()  # as the gate stage does: BatchNorm statistics frozen, dropout off
+  experts_before = as_numpy(nnx.state(model.experts))
+  gate_before = as_numpy(nnx.state(model.gate, nnx.Param))
+  optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, 3), wrt=train.GATE_PARAMS)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 255, (2, 32, 32, 3)), jnp.uint8),
+           "label": jnp.asarray(rng.integers(0, 3, (2, 32, 32)), jnp.uint8)}
+  for _ in range(3):
+    train.train_step(train.mixture_loss, model, optimizer, batch)
+  experts_after = as_numpy(nnx.state(model.experts))
+  jax.tree.map(np.testing.assert_array_equal, experts_before, experts_after)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), gate_before,
+                       as_numpy(nnx.state(model.gate, nnx.Param)))
+  assert all(jax.tree.leaves(moved)), "every gate parameter should have trained"
+  trained = {path[0] for path, _ in nnx.to_flat_state(
+      nnx.state(model, train.GATE_PARAMS))}
+  assert trained == {"gate", "fusion_conv"}
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(4, 3, rngs=rngs)
+    self.norm = nnx.BatchNorm(3, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.drop(self.norm(self.linear(x)))
+
+
+def _net_loss(model, batch):
+  return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def _fit_net(workdir, total_steps=6, interrupt_at=None):
+  """fit() on a tiny net; batch t is a function of t only, like the resumable streams."""
+  model = _Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, total_steps), wrt=nnx.Param)
+
+  def batches(first):
+    for step in range(first + 1, total_steps + 1):
+      if step == interrupt_at:
+        raise _Interrupted
+      rng = np.random.default_rng(step)
+      yield {"x": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+             "y": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}
+
+  validations = []
+
+  def validate(m):
+    validations.append(m.norm.use_running_average)
+    return float(jnp.tanh(jnp.abs(m.linear.kernel.value).sum()) / 2)
+
+  best = train.fit("net", model=model, optimizer=optimizer, loss_fn=_net_loss,
+                   batches=batches, total_steps=total_steps, eval_every=2, validate=validate,
+                   workdir=workdir, keep=2, log_every=1, images_per_step=8)
+  return model, best, validations
+
+
+def test_fit_resumes_an_interrupted_stage_from_its_saved_step(tmp_path, capsys):
+  reference, _, validations = _fit_net(tmp_path / "straight")
+  assert validations == [True, True, True]  # validation runs in eval mode, every 2 steps
+  with pytest.raises(_Interrupted):
+    _fit_net(tmp_path / "resumed", interrupt_at=5)  # checkpoints at 2 and 4 exist
+  capsys.readouterr()
+  resumed, best, _ = _fit_net(tmp_path / "resumed")
+  assert "resuming from the checkpoint at step 4 of 6" in capsys.readouterr().out
+  jax.tree.map(np.testing.assert_array_equal, as_numpy(nnx.state(reference)),
+               as_numpy(nnx.state(resumed)))
+  assert best["step"] in (2, 4, 6) and 0 <= best["val_miou"] <= 0.5
+  # A finished stage is skipped on the next run and leaves the model as initialised.
+  again, _, validations = _fit_net(tmp_path / "resumed")
+  assert "already finished" in capsys.readouterr().out and validations == []
+
+
+def test_fit_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
+  model = _Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, 4), wrt=nnx.Param)
+  nan_batch = {"x": jnp.full((8, 4), jnp.nan), "y": jnp.zeros((8, 3))}
+  with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+    train.fit("net", model=model, optimizer=optimizer, loss_fn=_net_loss,
+              batches=lambda first: iter([nan_batch] * 4), total_steps=4, eval_every=2,
+              validate=lambda m: 0.0, workdir=tmp_path, keep=2, log_every=1,
+              images_per_step=8)
