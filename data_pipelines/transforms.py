@@ -10,8 +10,19 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 IGNORE_LABEL = 255
+
+
+def read_config(seed: int) -> tfds.ReadConfig:
+  """TFDS read options for `stream`: the file order is seeded and the same every epoch.
+
+  `stream` reshuffles the examples per epoch itself (from the seed and the epoch number);
+  TFDS's own per-iteration file reshuffle would make epoch e depend on how many epochs this
+  dataset object has already served, so a resumed stream would not continue the original.
+  """
+  return tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False)
 
 
 def resize_pair(image: tf.Tensor, label: tf.Tensor, size: Sequence[int]):
@@ -105,7 +116,7 @@ def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: 
     if size == tf.data.UNKNOWN_CARDINALITY:  # a filtered split (Cityscapes city groups)
       size = int(examples.reduce(0, lambda count, _: count + 1))
     if size <= 0:
-      raise ValueError("a training stream needs a non-empty split")
+      raise ValueError("a training stream needs a non-empty split; check the split lists")
     first_epoch, offset = divmod(start, size)
     one_epoch = examples
     examples = tf.data.Dataset.range(first_epoch, 2**62).flat_map(

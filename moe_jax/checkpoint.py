@@ -486,6 +486,45 @@ def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> 
   return write_json(pathlib.Path(workdir) / CONFIG_FILE, config)
 
 
+# Keys that may change between runs in one workdir: they do not change what was trained.
+MUTABLE_CONFIG_KEYS = ("eval.", "train.log_every", "train.keep_checkpoints",
+                       "model.deep_ensemble_members", "train.deep_ensemble.")
+
+
+def check_same_run(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
+  """Refuses a config that differs from the one a workdir was run with.
+
+  A rerun resumes or skips stages from checkpoints; with another model, data or training
+  config that would mix two runs. Keys in MUTABLE_CONFIG_KEYS may differ. A workdir without
+  config.json passes.
+
+  Raises:
+    CheckpointError: naming the first differing key, both values and the fix.
+  """
+  if not (pathlib.Path(workdir).expanduser() / CONFIG_FILE).is_file():
+    return
+  before, now = _flat_config(load_config(workdir)), _flat_config(config)
+  changed = [key for key in sorted(before.keys() | now.keys())
+             if before.get(key) != now.get(key)
+             and not any(key == m or key.startswith(m) for m in MUTABLE_CONFIG_KEYS)]
+  if changed:
+    key = changed[0]
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    raise CheckpointError(
+        f"config key {key}={now.get(key)!r} differs from the run in {workdir} "
+        f"({before.get(key)!r} there){more}; use a fresh --workdir, or the same config")
+
+
+def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, Mapping):
+      flat.update(_flat_config(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def load_config(workdir: str | os.PathLike) -> dict:
   """Reads `<workdir>/config.json` (plain JSON; nothing is unpickled or executed)."""
   path = pathlib.Path(workdir).expanduser() / CONFIG_FILE

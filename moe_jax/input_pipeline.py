@@ -36,6 +36,9 @@ def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
   if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
     raise DataError(f"config key data.image_size={size!r} must be two positive ints "
                     "(height, width), e.g. --config.data.image_size='(96,160)'.")
+  if size[0] % 16 or size[1] % 16:
+    raise DataError(f"config key data.image_size={size!r} must be multiples of 16 (the "
+                    "backbone's output stride), e.g. --config.data.image_size='(96,160)'.")
   if not data.data_dir:
     raise DataError(f"config key data.data_dir is empty; set --config.data.data_dir=/path/to/"
                     f"{data.name}, or run the demo with --config configs/a2d2.py:synthetic.")

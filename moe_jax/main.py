@@ -11,6 +11,7 @@ Runs the pipeline's stages in order (default: all of them):
 A finished stage is skipped on a rerun; an interrupted one resumes from its checkpoint.
 """
 
+import json
 import sys
 import time
 
@@ -75,13 +76,19 @@ def main(argv) -> None:
     workdir = input_pipeline.workdir_path(_WORKDIR.value)
     with config.unlocked():
       input_pipeline.resolve_paths(config.data, workdir)
-    checkpoint.save_config(workdir, config.to_json_best_effort(indent=2))
+    resolved = json.loads(config.to_json_best_effort())
+    checkpoint.check_same_run(workdir, resolved)
+    checkpoint.save_config(workdir, resolved)
     run_data_stage(config)  # every stage reads the data; a no-op once it is prepared
     for stage in STAGES[1:]:
       if stage in _STAGES.value:
         runners[stage](config, workdir)
   except (DataError, checkpoint.CheckpointError, FloatingPointError) as e:
     sys.exit(f"error: {e}")
+  except ValueError as e:
+    if str(e).startswith("config key"):  # a config value the models or optimisers reject
+      sys.exit(f"error: {e}")
+    raise
   print(f"all requested stages done in {time.perf_counter() - start:.0f} s ({workdir})")
 
 

@@ -55,8 +55,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
-  """optax optimiser from a config's `train.optimizer` section.
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
+                   key: str = "train.optimizer"):
+  """optax optimiser from an optimiser config section (`key` names it in errors).
 
   Keys: name ("sgd" | "adamw"), learning_rate, momentum (sgd), weight_decay,
   schedule ("constant" | "cosine"). SGD's weight decay is added to the gradient before
@@ -67,14 +68,14 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   elif config.schedule == "cosine":
     lr = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
   else:
-    raise ValueError(f"config key train.optimizer.schedule={config.schedule!r}; use "
+    raise ValueError(f"config key {key}.schedule={config.schedule!r}; use "
                      "'constant' or 'cosine'.")
   if config.name == "sgd":
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(lr, momentum=config.momentum or None))
   if config.name == "adamw":
     return optax.adamw(lr, weight_decay=config.weight_decay)
-  raise ValueError(f"config key train.optimizer.name={config.name!r}; use 'sgd' or 'adamw'.")
+  raise ValueError(f"config key {key}.name={config.name!r}; use 'sgd' or 'adamw'.")
 
 
 def expert_loss(experts: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
@@ -166,7 +167,10 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
       for step in range(start + 1, total_steps + 1):
         loss = train_step(loss_fn, model, optimizer, next(stream))
         bar.update(images_per_step)
-        if step % log_every == 0 or step == total_steps:
+        evaluating = step % eval_every == 0 or step == total_steps
+        # Read the loss (a device sync) every log_every steps and before every checkpoint,
+        # so non-finite weights are never saved.
+        if step % log_every == 0 or evaluating:
           loss = float(loss)
           if not math.isfinite(loss):
             raise FloatingPointError(
@@ -175,7 +179,7 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
                 f"train.{stage}.optimizer.learning_rate) and rerun to resume from it.")
           bar.set_postfix(step=step, loss=f"{loss:.4f}")
           writer.write_scalars(step, {"loss": loss})
-        if step % eval_every == 0 or step == total_steps:
+        if evaluating:
           _set_mode(model, False)
           val_miou = validate(model)
           _set_mode(model, train_mode)
@@ -206,6 +210,10 @@ def _percent(value: float | None) -> str:
 
 def _schedule(section: ml_collections.ConfigDict, name: str, split_sizes: Sequence[int]):
   """(steps per epoch, total steps, eval every) for a stage; an epoch = the largest split."""
+  for key in ("batch_size", "epochs", "eval_every_epochs"):
+    if not isinstance(section[key], int) or section[key] < 1:
+      raise ValueError(f"config key train.{name}.{key}={section[key]!r} must be a positive "
+                       "integer.")
   steps_per_epoch = max(split_sizes) // section.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f"config key train.{name}.batch_size={section.batch_size} is larger "
@@ -246,14 +254,29 @@ def _first_member(stream: Iterator[dict]) -> Iterator[dict]:
   return ({key: value[0] for key, value in batch.items()} for batch in stream)
 
 
-def _train(config, workdir, stage: str, model: nnx.Module, *, loss_fn: Callable,
-           train_splits: list[str], validate: Callable[[nnx.Module], float],
+def finished(workdir: str | Path, stage: str) -> dict | None:
+  """The best checkpoint's meta if `stage` has finished in `workdir`, else None."""
+  if not checkpoint.stage_dir(workdir, stage).is_dir():
+    return None
+  with checkpoint.StageCheckpoints(workdir, stage, save_every=1) as ckpt:
+    return ckpt.read_meta(ckpt.best_step()) if ckpt.is_finished() else None
+
+
+def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
+           loss_fn: Callable, train_splits: list[str], validate: Callable[[nnx.Module], float],
            stacked: bool, wrt=nnx.Param, train_mode: bool = True) -> dict:
   """Runs `fit` for a stage from its config section `train.<stage>`.
 
+  A finished stage is reported and skipped before anything is built or read.
   `stacked`: member k of a stacked model takes a batch of `train_splits[k]`, all stacked to
   [K, B, ...]; otherwise the model takes plain batches [B, ...] of the one split.
   """
+  done = finished(workdir, stage)
+  if done is not None:
+    print(f"{stage}: already finished (best val mIoU {_percent(done['val_miou'])} at step "
+          f"{done['step']}); skipped. Delete {checkpoint.stage_dir(workdir, stage)} to train "
+          "it again.")
+    return done
   section, data = config.train[stage], config.data
   sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
   _, total, eval_every = _schedule(section, stage, sizes)
@@ -264,7 +287,9 @@ def _train(config, workdir, stage: str, model: nnx.Module, *, loss_fn: Callable,
                                           seeds=seeds, start_step=first)
     return stream if stacked else _first_member(stream)
 
-  optimizer = nnx.Optimizer(model, make_optimizer(section.optimizer, total), wrt=wrt)
+  model = make_model()
+  optimizer = nnx.Optimizer(
+      model, make_optimizer(section.optimizer, total, key=f"train.{stage}.optimizer"), wrt=wrt)
   return fit(stage, model=model, optimizer=optimizer, loss_fn=loss_fn, batches=batches,
              total_steps=total, eval_every=eval_every, validate=validate, workdir=workdir,
              keep=config.train.keep_checkpoints, log_every=config.train.log_every,
@@ -275,7 +300,8 @@ def train_experts(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
   """Stage "experts": K experts at once, expert k on its own domain's training split."""
   names = input_pipeline.expert_names(config.data)
   return _train(
-      config, workdir, "experts", build.experts(config, len(names)), loss_fn=expert_loss,
+      config, workdir, "experts", lambda: build.experts(config, len(names)),
+      loss_fn=expert_loss,
       train_splits=[input_pipeline.expert_split(config.data, n, "train") for n in names],
       stacked=True, validate=_stacked_validation(
           config, [input_pipeline.expert_split(config.data, n, "val") for n in names]))
@@ -288,7 +314,7 @@ def train_deep_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) 
   if not members:
     print("deep_ensemble: skipped (config key model.deep_ensemble_members=0)")
     return None
-  return _train(config, workdir, "deep_ensemble", build.deep_ensemble(config),
+  return _train(config, workdir, "deep_ensemble", lambda: build.deep_ensemble(config),
                 loss_fn=expert_loss, train_splits=[config.data.train_split] * members,
                 stacked=True,
                 validate=_stacked_validation(config, [config.data.val_split] * members))
@@ -296,7 +322,8 @@ def train_deep_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) 
 
 def train_baseline(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Stage "baseline": one DeepLabv3+ on all training data (the MC-dropout baseline)."""
-  return _train(config, workdir, "baseline", build.baseline(config), loss_fn=single_loss,
+  return _train(config, workdir, "baseline", lambda: build.baseline(config),
+                loss_fn=single_loss,
                 train_splits=[config.data.train_split], stacked=False,
                 validate=_validation(config, evaluate.single_predictions, "model"))
 
@@ -311,7 +338,7 @@ def mixture_with_trained_experts(config: ml_collections.ConfigDict,
 
 def train_gate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Stage "gate": the gate (and fusion conv) on all training data, experts frozen."""
-  return _train(config, workdir, "gate", mixture_with_trained_experts(config, workdir),
+  return _train(config, workdir, "gate", lambda: mixture_with_trained_experts(config, workdir),
                 loss_fn=mixture_loss, train_splits=[config.data.train_split], stacked=False,
                 validate=_validation(config, evaluate.mixture_predictions, "moe"),
                 wrt=GATE_PARAMS, train_mode=False)

@@ -167,21 +167,21 @@ def test_train_stream_is_deterministic_and_repeats(a2d2_root, tfds_dir):
   assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
 
 
-def test_train_stream_opened_at_start_continues_the_full_stream(a2d2_root, tfds_dir):
-  """Resuming: the stream from element 12 (epoch 1 of 8 frames, offset 4) equals the full
-  stream's batches 3.. , frames, flips and the second epoch's reshuffle included."""
-  full = make_dataset(a2d2_root, "highway_train", tfds_dir, train=True, seed=3)
-  full = [b for _, b in zip(range(6), full.as_numpy_iterator())]
-  resumed = make_dataset(a2d2_root, "highway_train", tfds_dir, train=True, seed=3, start=12)
-  resumed = [b for _, b in zip(range(3), resumed.as_numpy_iterator())]
-  for x, y in zip(full[3:], resumed, strict=True):
+@pytest.mark.parametrize("start", [4, 20, 36])
+def test_train_stream_opened_at_start_continues_the_full_stream(a2d2_root, tfds_dir, start):
+  """Resuming: all_train (16 frames in two TFDS splits, so several files) opened at element
+  `start` equals the full stream from there on, across epochs, reshuffles and flips."""
+  full = make_dataset(a2d2_root, "all_train", tfds_dir, train=True, seed=3)
+  full = [b for _, b in zip(range(12), full.as_numpy_iterator())]  # 3 epochs of 4 batches
+  resumed = make_dataset(a2d2_root, "all_train", tfds_dir, train=True, seed=3, start=start)
+  resumed = [b for _, b in zip(range(12 - start // 4), resumed.as_numpy_iterator())]
+  for x, y in zip(full[start // 4:], resumed, strict=True):
     np.testing.assert_array_equal(x["frame"], y["frame"])
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
-  epochs = [sorted(np.concatenate([b["frame"] for b in full[i:i + 2]])) for i in (0, 2)]
-  assert epochs[0] == epochs[1]  # each epoch shows every frame once
-  assert not np.array_equal(np.concatenate([b["frame"] for b in full[0:2]]),
-                            np.concatenate([b["frame"] for b in full[2:4]]))  # reshuffled
+  epochs = [np.concatenate([b["frame"] for b in full[i:i + 4]]) for i in (0, 4, 8)]
+  assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # every frame once per epoch
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled
 
 
 def test_flip_applies_to_image_and_label_together(a2d2_root, tfds_dir):

@@ -357,3 +357,23 @@ def test_load_config_errors(tmp_path):
     checkpoint.load_config(tmp_path)
   with pytest.raises(ValueError, match="JSON object"):
     checkpoint.save_config(tmp_path, "[1, 2]")
+
+
+def test_a_changed_config_is_refused_naming_the_key(tmp_path):
+  config = {"seed": 0, "model": {"width": 0.5, "deep_ensemble_members": 0},
+            "train": {"experts": {"epochs": 6}, "log_every": 5}, "eval": {"batch_size": 4}}
+  checkpoint.check_same_run(tmp_path, config)  # no config.json yet: anything goes
+  checkpoint.save_config(tmp_path, config)
+  checkpoint.check_same_run(tmp_path, config)
+  # What does not change a trained stage may change.
+  checkpoint.check_same_run(tmp_path, {**config, "eval": {"batch_size": 16},
+                                       "model": {"width": 0.5, "deep_ensemble_members": 2},
+                                       "train": {"experts": {"epochs": 6}, "log_every": 1}})
+  changed = {**config, "train": {"experts": {"epochs": 2}, "log_every": 5}}
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"config key train.experts.epochs=2 differs from the run in .* "
+                           r"\(6 there\); use a fresh --workdir"):
+    checkpoint.check_same_run(tmp_path, changed)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"model.depth=3 differs .* \(None there\) \(and 1 more\)"):
+    checkpoint.check_same_run(tmp_path, {**config, "model": {"depth": 3}})

@@ -20,17 +20,19 @@ def run_main(*args, workdir, env=None):
   return result.returncode, result.stdout, result.stderr
 
 
-METHODS = {"expert_highway", "expert_urban", "ensemble", "moe", "baseline"}
+METHODS = {"expert_highway", "expert_urban", "ensemble", "moe", "baseline", "deep_ensemble"}
+DEEP_ENSEMBLE = ("--config.model.deep_ensemble_members=2",)
 TEST_SPLITS = {"highway_test", "urban_test", "all_test", "ambiguous_test"}
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  """The whole smoke pipeline, run once for the tests below (about a minute)."""
+  """The whole smoke pipeline with a 2-member deep ensemble, run once for the tests below."""
   workdir = tmp_path_factory.mktemp("smoke") / "run"
   # Compiled programs are cached on disk, so the reruns below skip XLA's compile time.
   env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=workdir, env=env)
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, workdir=workdir,
+                            env=env)
   assert code == 0, err[-3000:]
   return workdir, out, env
 
@@ -38,19 +40,18 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
   workdir, out, _ = smoke_run
-  for stage in ("experts", "baseline", "gate"):
+  for stage in ("experts", "baseline", "deep_ensemble", "gate"):
     assert f"{stage}: done in" in out
     steps = [p.name for p in (workdir / "checkpoints" / stage).iterdir()]
     assert steps and all(s.isdigit() for s in steps), steps
     assert list((workdir / "tensorboard" / stage).glob("events.out.tfevents.*"))
-  assert "deep_ensemble: skipped" in out
   results = json.loads((workdir / "results.json").read_text())
   assert set(results["splits"]) == TEST_SPLITS
   for split, methods in results["splits"].items():
     assert set(methods) == METHODS, split
     for entry in methods.values():
       assert 0.0 <= entry["miou"] <= 1.0 and len(entry["iou_per_class"]) == 38
-  assert set(results["checkpoints"]) == {"gate", "baseline"}
+  assert set(results["checkpoints"]) == {"gate", "baseline", "deep_ensemble"}
   assert len(results["class_names"]) == 38
   for method in METHODS:  # the printed table is the JSON's
     miou = results["splits"]["all_test"][method]["miou"]
@@ -61,11 +62,22 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
 def test_rerun_skips_finished_stages_and_reproduces_the_results(smoke_run):
   workdir, _, env = smoke_run
   before = json.loads((workdir / "results.json").read_text())
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=workdir, env=env)
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, workdir=workdir,
+                            env=env)
   assert code == 0, err[-3000:]
-  for stage in ("experts", "baseline", "gate"):
+  for stage in ("experts", "baseline", "deep_ensemble", "gate"):
     assert f"{stage}: already finished" in out
   assert json.loads((workdir / "results.json").read_text()) == before
+
+
+@pytest.mark.slow
+def test_rerun_with_another_config_is_refused_before_anything_runs(smoke_run):
+  workdir, _, env = smoke_run
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
+                            "--config.train.experts.epochs=3", workdir=workdir, env=env)
+  assert code != 0 and "experts:" not in out
+  assert err.strip().splitlines()[-1].startswith(
+      "error: config key train.experts.epochs=3 differs from the run in ")
 
 
 @pytest.mark.slow
@@ -109,6 +121,12 @@ def test_smoke_preset_prepares_the_data_and_saves_the_config(tmp_path):
      "error: A2D2 data dir /no/such/a2d2 does not exist"),
     (["--config=configs/a2d2.py:smoke", "--config.data.image_size=(32,)"],
      "error: config key data.image_size=(32,) must be two positive ints"),
+    (["--config=configs/a2d2.py:smoke", "--config.data.image_size=(40,48)"],
+     "error: config key data.image_size=(40, 48) must be multiples of 16"),
+    (["--config=configs/a2d2.py:smoke", "--config.train.experts.optimizer.name=lion",
+      "--stages=experts"], "error: config key train.experts.optimizer.name='lion'; use 'sgd'"),
+    (["--config=configs/a2d2.py:smoke", "--config.train.baseline.batch_size=64",
+      "--stages=baseline"], "error: config key train.baseline.batch_size=64 is larger than"),
     (["--config=configs/a2d2.py:smoke", "--stages=data,dance"],
      "error: unknown stage(s) dance; the stages: data, experts, baseline"),
 ])

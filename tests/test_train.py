@@ -167,3 +167,10 @@ def test_fit_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
               batches=lambda first: iter([nan_batch] * 4), total_steps=4, eval_every=2,
               validate=lambda m: 0.0, workdir=tmp_path, keep=2, log_every=1,
               images_per_step=8)
+
+
+def test_deep_ensemble_stage_is_skipped_when_no_members_are_asked_for(capsys):
+  config = ml_collections.ConfigDict(dict(model=dict(deep_ensemble_members=0)))
+  assert train.train_deep_ensemble(config, "/nonexistent") is None
+  assert "deep_ensemble: skipped (config key model.deep_ensemble_members=0)" in \
+      capsys.readouterr().out
