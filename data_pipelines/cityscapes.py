@@ -12,6 +12,8 @@ cities into groups, and each training example's "domain" is the index of its cit
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 from typing import Sequence
 
@@ -143,21 +145,29 @@ def num_examples(data_dir: str | os.PathLike, split: str, *,
                  tfds_dir: str | os.PathLike | None = None) -> int:
   """Number of frames in a split of `dataset` ("train", "group1_train", ...).
 
-  A city group's count reads the train split's image ids once (no image is decoded).
+  A city group's count reads the train split's image ids once per process (no image is
+  decoded) and is then remembered.
   """
   groups = expert_groups(groups)
   builder = prepare(data_dir, tfds_dir=tfds_dir)
   if split in builder.info.splits:
     return builder.info.splits[split].num_examples
-  names = {f"group{k}_train": members for k, members in enumerate(groups)}
+  names = [f"group{k}_train" for k in range(len(groups))]
   if split not in names:
     raise DataError(f"split {split!r} is unknown; use one of: train, validation, test, "
                     f"{', '.join(names)}")
+  counts = _frames_per_city(os.fspath(builder.data_dir))
+  return sum(counts.get(city, 0) for city in groups[names.index(split)])
+
+
+@functools.cache
+def _frames_per_city(prepared_dir: str) -> dict[str, int]:
+  """{city: training frames} of the prepared shards in `prepared_dir` (read once)."""
+  builder = tfds.builder_from_directory(prepared_dir)
   ids = builder.as_dataset(split="train", decoders={
       "image_left": tfds.decode.SkipDecoding(), "segmentation_label": tfds.decode.SkipDecoding()})
-  members = tf.constant(names[split])
-  return int(ids.reduce(0, lambda count, record: count + tf.cast(
-      tf.reduce_any(cities(record["image_id"]) == members), tf.int32)))
+  return dict(collections.Counter(
+      city.decode() for city in ids.map(lambda r: cities(r["image_id"])).as_numpy_iterator()))
 
 
 def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int] = (512, 1024),
@@ -221,7 +231,9 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
       "image": record["image_left"], "label": record["segmentation_label"],
       "domain": city_group.lookup(cities(record["image_id"])), "frame": record["image_id"]})
   if group is not None:
-    examples = examples.filter(lambda example: example["domain"] == group)
+    size = num_examples(data_dir, split, groups=groups, tfds_dir=tfds_dir)
+    examples = examples.filter(lambda example: example["domain"] == group).apply(
+        tf.data.experimental.assert_cardinality(size))
   return transforms.stream(examples, image_size=image_size, batch_size=batch_size, train=train,
                            seed=seed, shuffle_buffer=shuffle_buffer, start=start,
                            drop_remainder=drop_remainder, label_map=train_ids)

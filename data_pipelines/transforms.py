@@ -112,11 +112,9 @@ def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: 
     "frame": string [B]}.
   """
   if train:
-    size = int(examples.cardinality())
-    if size == tf.data.UNKNOWN_CARDINALITY:  # a filtered split (Cityscapes city groups)
-      size = int(examples.reduce(0, lambda count, _: count + 1))
+    size = int(examples.cardinality())  # filtered datasets must assert theirs
     if size <= 0:
-      raise ValueError("a training stream needs a non-empty split; check the split lists")
+      raise ValueError(f"a training stream needs a non-empty split of known size, got {size}")
     first_epoch, offset = divmod(start, size)
     one_epoch = examples
     examples = tf.data.Dataset.range(first_epoch, 2**62).flat_map(

@@ -202,6 +202,19 @@ def test_explicit_groups_and_cities_outside_them(prepared):
   assert domains(prepared, "group1_train", groups=groups) == {}
 
 
+def test_frames_per_split_and_an_endless_city_group_stream(prepared):
+  manual_dir, tfds_dir = prepared
+  counts = {split: cityscapes.num_examples(manual_dir, split, tfds_dir=tfds_dir)
+            for split in ("train", "validation", "group0_train", "group1_train")}
+  assert counts == {"train": 2, "validation": 1, "group0_train": 1, "group1_train": 1}
+  assert cityscapes.num_examples(manual_dir, "group1_train", groups=[["zurich"], ["bochum"]],
+                                 tfds_dir=tfds_dir) == 0
+  stream = cityscapes.dataset(manual_dir, "group1_train", image_size=SMALL, batch_size=1,
+                              train=True, tfds_dir=tfds_dir, start=3)
+  frames = [b["frame"][0] for b in stream.take(3).as_numpy_iterator()]
+  assert frames == [b"zurich_000000_000019"] * 3  # repeats its one frame, from any start
+
+
 def test_same_seed_same_batches(prepared):
   manual_dir, tfds_dir = prepared
 
