@@ -61,3 +61,114 @@ def pixel_accuracy(confusion: np.ndarray) -> float:
   confusion = np.asarray(confusion, np.float64)
   total = confusion.sum()
   return float(np.trace(confusion) / total) if total else float("nan")
+
+
+# ------------------------------------------------------------ uncertainty vs. correctness
+
+NUM_BINS = 1000
+# The reference's threshold sweep, t = 0.01, 0.03, ..., 0.99: all on the bin edges.
+REFERENCE_THRESHOLDS = np.arange(1, 100, 2) / 100
+
+
+def bin_edges(num_bins: int = NUM_BINS) -> np.ndarray:
+  """float32 [num_bins + 1] edges k / num_bins of the uncertainty histograms on [0, 1]."""
+  return (np.arange(num_bins + 1) / num_bins).astype(np.float32)
+
+
+def uncertainty_histogram(uncertainty: jax.Array, correct: jax.Array, valid: jax.Array,
+                          num_bins: int = NUM_BINS) -> jax.Array:
+  """Counts of valid pixels per uncertainty bin, split by correctness (jit-able).
+
+  Bin b holds edges[b] <= u < edges[b + 1] (u = 1 in the last bin), computed against the
+  same float32 edges the thresholds use, so "certain" (u < t) at any edge t is exact.
+
+  Args:
+    uncertainty: normalised uncertainty in [0, 1], any shape.
+    correct: bool, same shape (prediction == label).
+    valid: bool, same shape (label != 255).
+
+  Returns:
+    int32 [2, num_bins]: row 0 incorrect, row 1 correct.
+  """
+  edges = jnp.asarray(bin_edges(num_bins))
+  u = jnp.clip(uncertainty.astype(jnp.float32).reshape(-1), 0.0, 1.0)
+  bins = jnp.clip(jnp.searchsorted(edges, u, side="right") - 1, 0, num_bins - 1)
+  index = jnp.where(valid.reshape(-1), correct.reshape(-1).astype(jnp.int32) * num_bins + bins,
+                    2 * num_bins)
+  return jnp.bincount(index, length=2 * num_bins + 1)[:-1].reshape(2, num_bins).astype(jnp.int32)
+
+
+def conditional_correctness_from_histogram(histogram: np.ndarray,
+                                           thresholds: np.ndarray = REFERENCE_THRESHOLDS
+                                           ) -> dict[str, np.ndarray]:
+  """p(accurate|certain), p(uncertain|inaccurate), PAvPU at thresholds on the bin edges.
+
+  "Certain" ⇔ u < t for every method (compared in float32). PAvPU = (n_ac + n_iu) / N (Mukhoti & Gal);
+  `pavpu_reference` = (n_ac + n_iu) / (n_c + n_i), the reference code's denominator, where
+  n_c = certain and n_i = inaccurate pixels. A ratio with an empty denominator is nan.
+
+  Args:
+    histogram: [2, num_bins] counts (row 0 incorrect, row 1 correct), summed over images.
+    thresholds: values k / num_bins in [0, 1].
+
+  Returns:
+    {name: float64 [T]} for p_accurate_given_certain, p_uncertain_given_inaccurate, pavpu,
+    pavpu_reference, and the counts n_ac, n_ic, n_au, n_iu.
+  """
+  histogram = np.asarray(histogram, np.int64)
+  num_bins = histogram.shape[1]
+  k = np.rint(np.asarray(thresholds, np.float64) * num_bins).astype(int)
+  if not np.allclose(k / num_bins, thresholds):
+    raise ValueError(f"thresholds must lie on the {num_bins} histogram bin edges")
+  below = np.concatenate([[[0], [0]], np.cumsum(histogram, axis=1)], axis=1)  # [2, bins+1]
+  n_ic, n_ac = below[0, k], below[1, k]
+  n_iu, n_au = histogram[0].sum() - n_ic, histogram[1].sum() - n_ac
+  return _ratios(n_ac, n_ic, n_au, n_iu)
+
+
+def conditional_correctness(uncertainty: np.ndarray, correct: np.ndarray,
+                            thresholds: np.ndarray = REFERENCE_THRESHOLDS
+                            ) -> dict[str, np.ndarray]:
+  """The same metrics straight from arrays (any thresholds): u [...], correct bool [...].
+
+  Like the histograms, compares in float32 (the maps' dtype): certain ⇔ u < float32(t).
+  """
+  u = np.asarray(uncertainty, np.float32).reshape(-1)
+  ok = np.asarray(correct, bool).reshape(-1)
+  certain = u[None, :] < np.asarray(thresholds, np.float32)[:, None]  # [T, N]
+  n_ac = np.sum(certain & ok, 1)
+  n_ic = np.sum(certain & ~ok, 1)
+  return _ratios(n_ac, n_ic, ok.sum() - n_ac, (~ok).sum() - n_ic)
+
+
+def _ratios(n_ac, n_ic, n_au, n_iu) -> dict[str, np.ndarray]:
+  n_ac, n_ic, n_au, n_iu = (np.asarray(x, np.float64) for x in (n_ac, n_ic, n_au, n_iu))
+  total = n_ac + n_ic + n_au + n_iu
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return {
+        "p_accurate_given_certain": n_ac / (n_ac + n_ic),
+        "p_uncertain_given_inaccurate": n_iu / (n_ic + n_iu),
+        "pavpu": (n_ac + n_iu) / total,
+        "pavpu_reference": (n_ac + n_iu) / ((n_ac + n_ic) + (n_ic + n_iu)),
+        "n_ac": n_ac, "n_ic": n_ic, "n_au": n_au, "n_iu": n_iu,
+    }
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               num_bins: int = 15) -> dict[str, float]:
+  """ECE and MCE with `num_bins` equal-width bins (lo, hi] on confidence in [0, 1].
+
+  ECE = Σ_b (n_b / N) |acc_b − conf_b|; MCE = max over non-empty bins. A confidence of
+  exactly 0 goes to the first bin.
+  """
+  conf = np.asarray(confidence, np.float64).reshape(-1)
+  ok = np.asarray(correct, np.float64).reshape(-1)
+  bins = np.clip(np.ceil(conf * num_bins).astype(int) - 1, 0, num_bins - 1)
+  count = np.bincount(bins, minlength=num_bins)
+  sum_conf = np.bincount(bins, weights=conf, minlength=num_bins)
+  sum_ok = np.bincount(bins, weights=ok, minlength=num_bins)
+  filled = count > 0
+  gap = np.abs(sum_ok[filled] - sum_conf[filled]) / count[filled]
+  if not filled.any():
+    return {"ece": float("nan"), "mce": float("nan")}
+  return {"ece": float(np.sum(count[filled] * gap) / count.sum()), "mce": float(gap.max())}

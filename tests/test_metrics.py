@@ -56,3 +56,103 @@ def test_confusions_merge_by_addition():
   whole = metrics.confusion_matrix(labels, preds, 4)
   parts = sum(metrics.confusion_matrix(l, p, 4) for l, p in zip(labels, preds))
   np.testing.assert_array_equal(whole, parts)
+
+
+# ------------------------------------------------------------ conditional correctness
+
+def loop_conditional_correctness(u, correct, t):
+  """A plain loop over pixels, as one would write it by hand."""
+  n_ac = n_ic = n_au = n_iu = 0
+  for value, ok in zip(np.ravel(u), np.ravel(correct)):
+    certain = value < t
+    n_ac += certain and ok
+    n_ic += certain and not ok
+    n_au += (not certain) and ok
+    n_iu += (not certain) and not ok
+  n = n_ac + n_ic + n_au + n_iu
+  return {"p_accurate_given_certain": n_ac / (n_ac + n_ic) if n_ac + n_ic else np.nan,
+          "p_uncertain_given_inaccurate": n_iu / (n_ic + n_iu) if n_ic + n_iu else np.nan,
+          "pavpu": (n_ac + n_iu) / n}
+
+
+def test_conditional_correctness_by_hand():
+  u = np.array([0.1, 0.2, 0.6, 0.9])
+  correct = np.array([True, False, True, False])
+  out = metrics.conditional_correctness(u, correct, thresholds=np.array([0.5]))
+  # certain: 0.1 (acc), 0.2 (inacc); uncertain: 0.6 (acc), 0.9 (inacc)
+  assert out["p_accurate_given_certain"][0] == pytest.approx(0.5)
+  assert out["p_uncertain_given_inaccurate"][0] == pytest.approx(0.5)
+  assert out["pavpu"][0] == pytest.approx(0.5)
+  assert out["pavpu_reference"][0] == pytest.approx(2 / 4)  # (1 + 1) / (2 + 2)
+
+
+def test_certain_means_strictly_below_the_threshold():
+  out = metrics.conditional_correctness(np.array([0.5]), np.array([True]), np.array([0.5]))
+  assert out["n_ac"][0] == 0 and out["n_au"][0] == 1
+
+
+def test_histogram_metrics_equal_exact_computation_at_bin_edges():
+  rng = np.random.default_rng(0)
+  u = rng.random((3, 20, 30)).astype(np.float32)
+  u[0, 0, :5] = [0.0, 1.0, 0.03, 0.5, 0.99]  # exactly on edges
+  u = np.round(u * 1000) / 1000 * (rng.random(u.shape) < 0.5) + u * (rng.random(u.shape) >= 0.5)
+  u = u.astype(np.float32)
+  correct = rng.random(u.shape) < 0.7
+  valid = rng.random(u.shape) < 0.9
+  hist = np.asarray(metrics.uncertainty_histogram(jnp.asarray(u), jnp.asarray(correct),
+                                                  jnp.asarray(valid)))
+  assert hist.sum() == valid.sum()
+  from_hist = metrics.conditional_correctness_from_histogram(hist)
+  exact = metrics.conditional_correctness(u[valid], correct[valid])
+  for key in exact:
+    np.testing.assert_allclose(from_hist[key], exact[key], rtol=1e-12, err_msg=key)
+  for i, t in enumerate(metrics.REFERENCE_THRESHOLDS[::7]):
+    loop = loop_conditional_correctness(u[valid], correct[valid], np.float32(t))
+    for key, value in loop.items():
+      assert from_hist[key][i * 7] == pytest.approx(value), (key, t)
+
+
+def test_histograms_merge_by_addition():
+  rng = np.random.default_rng(1)
+  u, correct = rng.random((2, 500)), rng.random((2, 500)) < 0.5
+  valid = np.ones_like(correct)
+  whole = metrics.uncertainty_histogram(jnp.asarray(u), jnp.asarray(correct), jnp.asarray(valid))
+  halves = sum(metrics.uncertainty_histogram(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c))
+               for a, b, c in zip(u, correct, valid))
+  np.testing.assert_array_equal(whole, halves)
+
+
+def test_thresholds_off_the_bin_edges_are_refused():
+  with pytest.raises(ValueError, match="bin edges"):
+    metrics.conditional_correctness_from_histogram(np.zeros((2, 1000)), np.array([0.0105]))
+
+
+def loop_ece(confidence, correct, num_bins=15):
+  total, gaps = len(confidence), []
+  ece = 0.0
+  for b in range(num_bins):
+    lo, hi = b / num_bins, (b + 1) / num_bins
+    members = [i for i, c in enumerate(confidence) if (lo < c <= hi) or (b == 0 and c == 0)]
+    if members:
+      acc = np.mean([correct[i] for i in members])
+      conf = np.mean([confidence[i] for i in members])
+      ece += len(members) / total * abs(acc - conf)
+      gaps.append(abs(acc - conf))
+  return ece, max(gaps)
+
+
+def test_ece_and_mce_against_a_plain_loop():
+  rng = np.random.default_rng(3)
+  confidence = np.concatenate([rng.random(300), [0.0, 1.0, 1 / 15, 2 / 15]])
+  correct = rng.random(len(confidence)) < confidence
+  out = metrics.expected_calibration_error(confidence, correct)
+  ece, mce = loop_ece(confidence, correct)
+  assert out["ece"] == pytest.approx(ece) and out["mce"] == pytest.approx(mce)
+
+
+def test_ece_by_hand():
+  # Two bins used: (0.8, 0.867] holds 0.85 x2 (one correct), (0.933, 1] holds 1.0 (correct).
+  out = metrics.expected_calibration_error(np.array([0.85, 0.85, 1.0]),
+                                           np.array([True, False, True]))
+  assert out["ece"] == pytest.approx(2 / 3 * 0.35)
+  assert out["mce"] == pytest.approx(0.35)

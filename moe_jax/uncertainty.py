@@ -1,0 +1,166 @@
+"""Per-pixel uncertainty from S members (experts, MC-dropout passes, ensemble members).
+
+Pure, jit-able functions. Members' class probabilities `probs [S, ..., C]` with optional
+weights `[S, ...]` broadcastable to `probs[..., 0]` (the MoE's gate weights; uniform when
+omitted; normalised over S here). Raw values are in nats:
+
+  predictive entropy  PE = H(p̄),  p̄ = Σ_s w_s p_s
+  mutual information  MI = H(p̄) − Σ_s w_s H(p_s)          (≥ 0 for any weights)
+  expert variance     EV = sqrt(Σ_s w_s (p_s[ĉ] − p̄[ĉ])²),  ĉ = argmax p̄
+  gate entropy        GE = −Σ_k g_k log g_k
+
+Normalised versions lie in [0, 1]: PE/log C, MI/log C, EV/0.5 (the largest standard deviation
+of values in [0, 1]), GE/log K. 0·log 0 = 0, so probabilities of exactly 0 and 1 are fine.
+
+Where the reference code differs: it subtracts the *unweighted* mean member entropy for the
+gate-weighted MoE and clamps the negative MI that this produces, and it divides EV by the
+batch's maximum (so one image's value depends on the others). Neither is done here.
+
+Members can be streamed: PE, MI and EV follow from running sums over members (`Moments`),
+so S members at full resolution need memory for about two members, not S. The sums are of
+differences to the first member, so identical members give EV = 0 exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+EV_MAX = 0.5  # the largest population std of values in [0, 1]
+
+
+def entropy(p: jax.Array, axis: int = -1) -> jax.Array:
+  """−Σ p log p over `axis`, with 0·log 0 = 0. float32 for float32/bfloat16 input."""
+  p = p.astype(jnp.float32)
+  return -jnp.sum(jax.scipy.special.xlogy(p, p), axis=axis)
+
+
+def probabilities(logits: jax.Array) -> jax.Array:
+  """Softmax over the last axis in float32 (finite for logits of ±1e4 and bfloat16)."""
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+class Moments(NamedTuple):
+  """Weighted running sums over members, relative to the first member `reference`.
+
+  reference [..., C]: p_0; weight [...]: Σ w; shift [..., C]: Σ w (p_s − p_0);
+  square [..., C]: Σ w (p_s − p_0)²; member_entropy [...]: Σ w H(p_s).
+  """
+  reference: jax.Array
+  weight: jax.Array
+  shift: jax.Array
+  square: jax.Array
+  member_entropy: jax.Array
+
+
+def start_moments(reference: jax.Array) -> Moments:
+  """Empty sums around `reference` [..., C] (usually the first member's probabilities)."""
+  reference = reference.astype(jnp.float32)
+  zeros = jnp.zeros(reference.shape[:-1], jnp.float32)
+  return Moments(reference, zeros, jnp.zeros_like(reference), jnp.zeros_like(reference), zeros)
+
+
+def add_member(moments: Moments, probs: jax.Array, weight: jax.Array | float = 1.0) -> Moments:
+  """Adds one member: probs [..., C], weight [...] (or a scalar)."""
+  probs = probs.astype(jnp.float32)
+  weight = jnp.broadcast_to(jnp.asarray(weight, jnp.float32), moments.weight.shape)
+  d = probs - moments.reference
+  w = weight[..., None]
+  return Moments(moments.reference, moments.weight + weight, moments.shift + w * d,
+                 moments.square + w * d * d, moments.member_entropy + weight * entropy(probs))
+
+
+def moments(probs: jax.Array, weights: jax.Array | None = None) -> Moments:
+  """All members at once: probs [S, ..., C], weights [S, ...] (broadcastable) or None."""
+  probs = probs.astype(jnp.float32)
+  if weights is None:
+    weights = jnp.ones(probs.shape[:-1], jnp.float32)
+  weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), probs.shape[:-1])
+  d = probs - probs[0]
+  w = weights[..., None]
+  return Moments(probs[0], jnp.sum(weights, 0), jnp.sum(w * d, 0), jnp.sum(w * d * d, 0),
+                 jnp.sum(weights * entropy(probs), 0))
+
+
+def mean_probs(m: Moments) -> jax.Array:
+  """p̄ [..., C], the weighted mean of the members' probabilities."""
+  return m.reference + m.shift / m.weight[..., None]
+
+
+def measures(m: Moments) -> dict[str, jax.Array]:
+  """Raw PE, MI, EV [...] (nats; EV in probability units) and the prediction argmax p̄."""
+  mean = mean_probs(m)
+  predictive = entropy(mean)
+  mutual = jnp.maximum(predictive - m.member_entropy / m.weight, 0.0)  # rounding only
+  prediction = jnp.argmax(mean, axis=-1)
+  at = lambda x: jnp.take_along_axis(x, prediction[..., None], axis=-1)[..., 0]
+  mean_shift = at(m.shift) / m.weight
+  variance = jnp.maximum(at(m.square) / m.weight - mean_shift ** 2, 0.0)
+  return {"predictive_entropy": predictive, "mutual_information": mutual,
+          "expert_variance": jnp.sqrt(variance), "prediction": prediction}
+
+
+def predictive_entropy(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """H(p̄) [...] in nats for probs [S, ..., C], weights [S, ...] or None (uniform)."""
+  return entropy(mean_probs(moments(probs, weights)))
+
+
+def mutual_information(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """H(p̄) − Σ_s w_s H(p_s) [...] in nats (≥ 0); probs [S, ..., C], weights [S, ...]."""
+  return measures(moments(probs, weights))["mutual_information"]
+
+
+def expert_variance(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """Weighted population std over members of p_s at argmax p̄, [...] in [0, 0.5]."""
+  return measures(moments(probs, weights))["expert_variance"]
+
+
+def gate_entropy(gates: jax.Array) -> jax.Array:
+  """−Σ_k g_k log g_k over the last axis: gates [..., K] -> [...] in nats."""
+  return entropy(gates)
+
+
+def gate_entropy_map(gates: jax.Array, prediction: jax.Array) -> jax.Array:
+  """Per-pixel gate entropy [B, H, W] in nats.
+
+  Args:
+    gates: [B, K] (simple gate: one value per image, broadcast over pixels) or
+      [B, C, K] (classwise: the gate of each pixel's predicted class).
+    prediction: int [B, H, W] predicted classes.
+  """
+  per_gate = gate_entropy(gates)
+  if gates.ndim == 2:
+    return jnp.broadcast_to(per_gate[:, None, None], prediction.shape)
+  return jnp.take_along_axis(per_gate[:, None, None, :], prediction[..., None], axis=-1)[..., 0]
+
+
+def normalised(raw: dict[str, jax.Array], num_classes: int,
+               num_experts: int | None = None) -> dict[str, jax.Array]:
+  """Raw measures -> [0, 1]: PE, MI ÷ log C; EV ÷ 0.5; GE ÷ log K. Other keys pass through."""
+  scale = {"predictive_entropy": jnp.log(num_classes), "mutual_information": jnp.log(num_classes),
+           "expert_variance": EV_MAX}
+  if num_experts is not None:
+    scale["gate_entropy"] = jnp.log(num_experts) if num_experts > 1 else 1.0
+  return {key: jnp.clip(value / scale[key], 0.0, 1.0) if key in scale else value
+          for key, value in raw.items()}
+
+
+def scan_members(member_probs, num_members: int, weights: jax.Array | None = None) -> Moments:
+  """Moments of members computed one at a time: `member_probs(s) -> probs [..., C]`.
+
+  `lax.scan` over s keeps one member's probabilities alive at a time (plus the sums), for
+  K experts or T MC passes at full resolution. weights: [S, ...] or None (uniform).
+  """
+  first = member_probs(0)
+  start = start_moments(first)
+  w = (jnp.ones((num_members,) + first.shape[:-1], jnp.float32) if weights is None else
+       jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (num_members,) + first.shape[:-1]))
+  start = add_member(start, first, w[0])
+
+  def body(m, s):
+    return add_member(m, member_probs(s), w[s]), None
+
+  m, _ = jax.lax.scan(body, start, jnp.arange(1, num_members))
+  return m
