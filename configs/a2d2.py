@@ -89,11 +89,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.expert_execution = "vmap" if small else "unroll"
     config.model.gate_hidden = 16 if small else 128
     adamw = dict(optimizer="adamw", learning_rate=2e-3, schedule="cosine", weight_decay=1e-4)
-    epochs = 1 if small else 6
     batch = 4 if small else 8
     for name in ("experts", "baseline", "deep_ensemble"):
-      config.train[name] = stage(batch_size=batch, epochs=epochs, eval_every_epochs=epochs // 2 or 1,
-                                 **adamw)
+      config.train[name] = stage(batch_size=batch, epochs=1 if small else 5,
+                                 eval_every_epochs=1 if small else 3, **adamw)
     config.train.gate = stage(batch_size=batch, epochs=1 if small else 2, eval_every_epochs=1,
                               **adamw)
     config.train.log_every = 1 if small else 5
@@ -104,7 +103,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.data.image_size = (32, 48) if small else (96, 160)
     config.data.shuffle_buffer = 64 if small else 256
     config.data.synthetic = ml_collections.ConfigDict(dict(
-        num_train=8 if small else 200, num_val=3 if small else 30,
+        num_train=8 if small else 150, num_val=3 if small else 30,
         num_test=4 if small else 60, image_size=(48, 80) if small else (120, 192),
         seed=0))
   return config

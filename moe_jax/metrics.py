@@ -172,3 +172,73 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
   if not filled.any():
     return {"ece": float("nan"), "mce": float("nan")}
   return {"ece": float(np.sum(count[filled] * gap) / count.sum()), "mce": float(gap.max())}
+
+
+# ------------------------------------------------------------ detection from histograms
+
+def _descending_counts(negatives: np.ndarray, positives: np.ndarray):
+  """Cumulative counts of scores >= each bin's lower edge, from the top bin down."""
+  neg = np.concatenate([[0], np.cumsum(np.asarray(negatives, np.float64)[::-1])])
+  pos = np.concatenate([[0], np.cumsum(np.asarray(positives, np.float64)[::-1])])
+  return neg, pos
+
+
+def roc_curve_from_histograms(negatives: np.ndarray, positives: np.ndarray
+                              ) -> tuple[np.ndarray, np.ndarray]:
+  """(fpr, tpr) [bins + 1] of "score >= threshold ⇒ positive" at every bin edge, high to low.
+
+  negatives, positives: [bins] counts of each class per score bin (e.g. an uncertainty
+  histogram's correct and incorrect rows for misclassification detection).
+  """
+  neg, pos = _descending_counts(negatives, positives)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return neg / neg[-1], pos / pos[-1]
+
+
+def auroc_from_histograms(negatives: np.ndarray, positives: np.ndarray) -> float:
+  """Area under the ROC curve; scores in one bin count as ties (half a pair each), which is
+  the exact AUROC of the binned scores. nan when a class is empty."""
+  fpr, tpr = roc_curve_from_histograms(negatives, positives)
+  return float(np.trapezoid(tpr, fpr))
+
+
+def average_precision_from_histograms(negatives: np.ndarray, positives: np.ndarray) -> float:
+  """Average precision (area under the precision-recall curve, step-wise as scikit-learn's
+  average_precision_score) of the binned scores; nan when there is no positive."""
+  neg, pos = _descending_counts(negatives, positives)
+  if pos[-1] == 0:
+    return float("nan")
+  recall = pos / pos[-1]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    precision = np.where(pos + neg > 0, pos / (pos + neg), 1.0)
+  return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def fpr_at_tpr_from_histograms(negatives: np.ndarray, positives: np.ndarray,
+                               tpr_level: float = 0.95) -> float:
+  """The lowest false-positive rate at a bin edge whose true-positive rate is >= tpr_level."""
+  fpr, tpr = roc_curve_from_histograms(negatives, positives)
+  reached = tpr >= tpr_level
+  return float(fpr[reached].min()) if reached.any() else float("nan")
+
+
+def risk_coverage_from_histogram(histogram: np.ndarray) -> dict[str, np.ndarray | float]:
+  """Selective prediction: keep the pixels with u below a threshold, at every bin edge.
+
+  Args:
+    histogram: [2, bins] (row 0 incorrect, row 1 correct).
+
+  Returns:
+    {"coverage": [bins + 1] fraction kept, "risk": [bins + 1] error rate of the kept
+    pixels (nan where none is kept), "aurc": area under risk over coverage (trapezoid over
+    the non-empty points; lower is better)}.
+  """
+  histogram = np.asarray(histogram, np.float64)
+  below = np.concatenate([[[0], [0]], np.cumsum(histogram, axis=1)], axis=1)
+  kept = below.sum(0)
+  coverage = kept / kept[-1]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    risk = np.where(kept > 0, below[0] / kept, np.nan)
+  ok = kept > 0
+  return {"coverage": coverage, "risk": risk,
+          "aurc": float(np.trapezoid(risk[ok], coverage[ok])) if ok.sum() > 1 else float("nan")}

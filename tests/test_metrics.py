@@ -156,3 +156,43 @@ def test_ece_by_hand():
                                            np.array([True, False, True]))
   assert out["ece"] == pytest.approx(2 / 3 * 0.35)
   assert out["mce"] == pytest.approx(0.35)
+
+
+# ------------------------------------------------------------ detection (vs scikit-learn)
+
+def binned_scores(rng, n, num_bins=50):
+  """Scores on bin centres, so binning loses nothing and sklearn sees the same ties."""
+  bins = rng.integers(0, num_bins, n)
+  return bins, (bins + 0.5) / num_bins
+
+
+def test_auroc_average_precision_and_fpr_match_scikit_learn():
+  from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+  rng = np.random.default_rng(4)
+  bins, scores = binned_scores(rng, 2000)
+  positive = rng.random(2000) < 0.2 + 0.6 * scores  # informative, with ties in every bin
+  negatives = np.bincount(bins[~positive], minlength=50)
+  positives = np.bincount(bins[positive], minlength=50)
+  assert metrics.auroc_from_histograms(negatives, positives) == pytest.approx(
+      roc_auc_score(positive, scores), abs=1e-12)
+  assert metrics.average_precision_from_histograms(negatives, positives) == pytest.approx(
+      average_precision_score(positive, scores), abs=1e-12)
+  fpr, tpr, _ = roc_curve(positive, scores)
+  assert metrics.fpr_at_tpr_from_histograms(negatives, positives) == pytest.approx(
+      fpr[tpr >= 0.95].min(), abs=1e-12)
+
+
+def test_perfect_and_useless_detectors():
+  assert metrics.auroc_from_histograms(np.array([5, 0]), np.array([0, 7])) == 1.0
+  assert metrics.auroc_from_histograms(np.array([3, 3]), np.array([2, 2])) == pytest.approx(0.5)
+  assert np.isnan(metrics.auroc_from_histograms(np.array([3, 3]), np.array([0, 0])))
+
+
+def test_risk_coverage_by_hand():
+  # bins 0..3; correct: [2, 1, 0, 0], incorrect: [0, 1, 1, 1]
+  histogram = np.array([[0, 1, 1, 1], [2, 1, 0, 0]])
+  out = metrics.risk_coverage_from_histogram(histogram)
+  np.testing.assert_allclose(out["coverage"], [0, 2 / 6, 4 / 6, 5 / 6, 1])
+  np.testing.assert_allclose(out["risk"][1:], [0, 1 / 4, 2 / 5, 3 / 6])
+  expected = np.trapezoid([0, 1 / 4, 2 / 5, 3 / 6], [2 / 6, 4 / 6, 5 / 6, 1])
+  assert out["aurc"] == pytest.approx(expected)
