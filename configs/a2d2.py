@@ -78,6 +78,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 4
+  config.eval.moe_members = "weighted"      # MoE sample set: weighted | uniform | stacked
+  config.eval.mc_dropout_passes = (2, 10, 20)  # one mc_dropout_<T> method per T
+  config.eval.ood_splits = ("all_test", "ambiguous_test")  # (in-distribution, OOD)
 
   if preset in ("synthetic", "smoke"):
     small = preset == "smoke"
@@ -97,6 +100,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                               **adamw)
     config.train.log_every = 1 if small else 5
     config.eval.batch_size = 4 if small else 16
+    config.eval.mc_dropout_passes = (2,) if small else (2, 10)
     config.data.data_dir = "{workdir}/data/a2d2_synthetic"
     config.data.split_dir = "{workdir}/data/a2d2_synthetic/splits"
     config.data.tfds_dir = "{workdir}/data/tfds"

@@ -43,4 +43,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.val_split = "validation"
   config.data.num_classes = 19
   config.data.test_splits = ("validation",)
+  config.eval.ood_splits = ()               # Cityscapes has no out-of-distribution split
   return config

@@ -458,6 +458,7 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> pathlib.Path
       f.write(text)
       f.flush()
       os.fsync(f.fileno())  # the rename must not land before the data does
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are for everyone to read
     os.replace(tmp, target)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

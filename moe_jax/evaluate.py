@@ -1,9 +1,12 @@
 """Runs trained models over splits and accumulates their metrics.
 
-Each model kind has a *prediction function* `(model, images float32 [B,H,W,3]) ->
-{method: predicted class ids [B,H,W]}`; one compiled call per batch evaluates every
-method the model carries (the MoE forward gives each expert, the ensemble and the MoE at
-once) and returns their confusion matrices, which are summed on the host.
+Each model kind has an output function (`moe_jax.methods`): one compiled call per batch
+gives every method the model carries, and the same call reduces each method's outputs to
+small mergeable statistics (`batch_statistics`): a confusion matrix, and with
+`uncertainty=True` a histogram of each normalised uncertainty split by correct/incorrect,
+calibration histograms, and Brier/NLL sums. The host sums them over batches (int64 /
+float64), so memory does not depend on the number of images and partial results from
+devices, hosts or shards merge by addition.
 """
 
 from __future__ import annotations
@@ -18,82 +21,76 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import checkpoint, input_pipeline, metrics
+from moe_jax import checkpoint, input_pipeline, methods, metrics
 from moe_jax.models import build
 
 RESULTS_FILE = "results.json"
-
-Predictions = dict[str, jax.Array]
-
-
-def member_predictions(members: nnx.Module, images: jax.Array) -> Predictions:
-  """Stacked models (experts, deep-ensemble members): {"0": [B,H,W], "1": ..., ...}."""
-  logits, _ = members(images)
-  return {str(k): jnp.argmax(logits[k], axis=-1) for k in range(logits.shape[0])}
+HISTOGRAMS_FILE = "histograms.npz"
+IGNORE_LABEL = metrics.IGNORE_LABEL
 
 
-def single_predictions(model: nnx.Module, images: jax.Array) -> Predictions:
-  """One DeepLabV3Plus: {"model": [B,H,W]}."""
-  logits, _ = model(images)
-  return {"model": jnp.argmax(logits, axis=-1)}
+def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: int,
+                       uncertainty: bool) -> dict[str, jax.Array]:
+  stats = {"confusion": metrics.confusion_matrix(labels, output["prediction"], num_classes)}
+  if not uncertainty:
+    return stats
+  valid = labels != IGNORE_LABEL
+  correct = output["prediction"] == labels
+  probs = output["probs"]
+  for measure in methods.MEASURES:
+    if measure in output:
+      stats[f"histogram/{measure}"] = metrics.uncertainty_histogram(output[measure], correct,
+                                                                    valid)
+      stats[f"calibration/{measure}"] = metrics.calibration_histogram(1.0 - output[measure],
+                                                                      correct, valid)
+  stats["calibration/max_softmax"] = metrics.calibration_histogram(jnp.max(probs, -1),
+                                                                   correct, valid)
+  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  one_hot = jax.nn.one_hot(safe_labels, num_classes, dtype=jnp.float32)
+  brier = jnp.sum((probs - one_hot) ** 2, axis=-1)
+  label_prob = jnp.take_along_axis(probs, safe_labels[..., None], axis=-1)[..., 0]
+  nll = -jnp.log(jnp.maximum(label_prob, jnp.finfo(jnp.float32).tiny))
+  stats["sums"] = jnp.stack([jnp.sum(valid).astype(jnp.float32),
+                             jnp.sum(jnp.where(valid, brier, 0.0)),
+                             jnp.sum(jnp.where(valid, nll, 0.0))])
+  return stats
 
 
-def ensemble_prediction(member_logits: jax.Array) -> jax.Array:
-  """argmax of the mean of the members' softmax probabilities.
-
-  Args:
-    member_logits: [S, B, H, W, C].
-
-  Returns:
-    int [B, H, W]. (The reference's uncertainty scripts average probabilities too; its
-    README's mIoU table averages logits.)
-  """
-  return jnp.argmax(jnp.mean(jax.nn.softmax(member_logits, axis=-1), axis=0), axis=-1)
+@nnx.jit(static_argnums=(0, 4, 5))
+def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.Array],
+                     key: jax.Array, num_classes: int, uncertainty: bool
+                     ) -> dict[str, dict[str, jax.Array]]:
+  """{method: {statistic: array}} of one batch (see the module docstring)."""
+  images = batch["image"].astype(jnp.float32) / 255.0
+  labels = batch["label"].astype(jnp.int32)
+  return {method: _method_statistics(output, labels, num_classes, uncertainty)
+          for method, output in outputs(model, images, key).items()}
 
 
-def deep_ensemble_predictions(members: nnx.Module, images: jax.Array) -> Predictions:
-  """Stacked deep-ensemble members: {"deep_ensemble": [B,H,W]} (mean of probabilities)."""
-  logits, _ = members(images)
-  return {"deep_ensemble": ensemble_prediction(logits)}
-
-
-def mixture_predictions(moe: nnx.Module, images: jax.Array) -> Predictions:
-  """The MoE and what its one forward also gives: {"moe", "ensemble", "expert_0", ...}."""
-  out = moe(images)
-  predictions = {"moe": jnp.argmax(out["logits"], axis=-1),
-                 "ensemble": ensemble_prediction(out["expert_logits"])}
-  for k in range(out["expert_logits"].shape[0]):
-    predictions[f"expert_{k}"] = jnp.argmax(out["expert_logits"][k], axis=-1)
-  return predictions
-
-
-@nnx.jit(static_argnums=(0, 3))
-def _batch_confusions(predict: Callable, model: nnx.Module, batch: dict[str, jax.Array],
-                      num_classes: int) -> dict[str, jax.Array]:
-  predictions = predict(model, batch["image"].astype(jnp.float32) / 255.0)
-  return {name: metrics.confusion_matrix(batch["label"], p, num_classes)
-          for name, p in predictions.items()}
-
-
-def confusions(predict: Callable, model: nnx.Module, batches: Iterable[dict],
-               num_classes: int) -> dict[str, np.ndarray]:
-  """Sums the per-method confusion matrices over `batches` (model in eval mode).
+def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], num_classes: int,
+               *, uncertainty: bool = False, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+  """Sums `batch_statistics` over `batches` (model in eval mode).
 
   Args:
-    predict: a prediction function of this module (static: one compile per function).
+    outputs: an output function of this model kind (static: keep the same object across
+      calls, or each call compiles again).
     model: the module it takes.
     batches: {"image": uint8 [B,H,W,3], "label": [B,H,W]} with a fixed B.
     num_classes: C.
+    uncertainty: also accumulate the uncertainty and calibration statistics.
+    seed: MC-dropout key of batch i is fold_in(key(seed), i).
 
   Returns:
-    {method: int64 [C, C]}.
+    {method: {statistic: int64 or float64 array}}.
   """
-  totals: dict[str, np.ndarray] = {}
+  totals: dict[str, dict[str, np.ndarray]] = {}
   pending = None
-  for batch in batches:
-    # Dispatch the next batch before fetching the last result, so the host's transfer
+  base = jax.random.key(seed)
+  for i, batch in enumerate(batches):
+    # Dispatch this batch before fetching the last result, so the host's transfer
     # overlaps the device's work.
-    result = _batch_confusions(predict, model, batch, num_classes)
+    result = batch_statistics(outputs, model, batch, jax.random.fold_in(base, i),
+                              num_classes, uncertainty)
     if pending is not None:
       _add(totals, pending)
     pending = result
@@ -102,16 +99,92 @@ def confusions(predict: Callable, model: nnx.Module, batches: Iterable[dict],
   return totals
 
 
-def _add(totals: dict[str, np.ndarray], result: dict[str, jax.Array]) -> None:
-  for name, value in jax.device_get(result).items():
-    totals[name] = totals.get(name, 0) + value.astype(np.int64)
+def _add(totals: dict, result: dict) -> None:
+  for method, stats in jax.device_get(result).items():
+    into = totals.setdefault(method, {})
+    for name, value in stats.items():
+      wide = value.astype(np.int64 if np.issubdtype(value.dtype, np.integer) else np.float64)
+      into[name] = into.get(name, 0) + wide
 
 
-def summary(confusion: np.ndarray) -> dict:
-  """The JSON entry of one method on one split: miou, pixel_accuracy, iou per class."""
-  return {"miou": metrics.mean_iou(confusion), "pixel_accuracy": metrics.pixel_accuracy(confusion),
-          "iou_per_class": [None if np.isnan(v) else float(v)
-                            for v in metrics.iou_per_class(confusion)]}
+def confusions(outputs: Callable, model: nnx.Module, batches: Iterable[dict],
+               num_classes: int) -> dict[str, np.ndarray]:
+  """{method: int64 [C, C]} over `batches` (validation: predictions only)."""
+  return {method: stats["confusion"]
+          for method, stats in accumulate(outputs, model, batches, num_classes).items()}
+
+
+def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
+  """The JSON entry of one method on one split.
+
+  {"miou", "pixel_accuracy", "iou_per_class", and with uncertainty statistics: "brier",
+  "nll", "calibration": {"max_softmax": {"ece", "mce"}}, "uncertainty": {measure: {
+  "p_accurate_given_certain": [T], "p_uncertain_given_inaccurate": [T], "pavpu": [T],
+  "pavpu_reference": [T], "ece", "mce" (of confidence 1 - u), "auroc_misclassification",
+  "aupr_misclassification", "aurc"}}}; nan is written as null.
+  """
+  confusion = stats["confusion"]
+  entry = {"miou": metrics.mean_iou(confusion), "pixel_accuracy": metrics.pixel_accuracy(confusion),
+           "iou_per_class": _json(metrics.iou_per_class(confusion))}
+  if "sums" not in stats:
+    return _json(entry)
+  pixels, brier, nll = stats["sums"]
+  entry["brier"] = brier / pixels if pixels else float("nan")
+  entry["nll"] = nll / pixels if pixels else float("nan")
+  entry["calibration"] = {"max_softmax": metrics.calibration_errors(
+      stats["calibration/max_softmax"])}
+  entry["uncertainty"] = {}
+  for measure in methods.MEASURES:
+    if f"histogram/{measure}" not in stats:
+      continue
+    histogram = stats[f"histogram/{measure}"]
+    curves = metrics.conditional_correctness_from_histogram(histogram, thresholds)
+    entry["uncertainty"][measure] = {
+        **{key: curves[key] for key in ("p_accurate_given_certain",
+                                        "p_uncertain_given_inaccurate", "pavpu",
+                                        "pavpu_reference")},
+        **metrics.calibration_errors(stats[f"calibration/{measure}"]),
+        "auroc_misclassification": metrics.auroc_from_histograms(histogram[1], histogram[0]),
+        "aupr_misclassification": metrics.average_precision_from_histograms(histogram[1],
+                                                                            histogram[0]),
+        "aurc": metrics.risk_coverage_from_histogram(histogram)["aurc"],
+    }
+  return _json(entry)
+
+
+def ood_detection(in_stats: dict[str, np.ndarray], out_stats: dict[str, np.ndarray]) -> dict:
+  """Per measure, in-distribution pixels vs out-of-distribution pixels (OOD = positive):
+  {"auroc", "fpr_at_95_tpr"} from the two splits' histograms (correct + incorrect)."""
+  result = {}
+  for measure in methods.MEASURES:
+    key = f"histogram/{measure}"
+    if key in in_stats and key in out_stats:
+      negatives, positives = in_stats[key].sum(0), out_stats[key].sum(0)
+      result[measure] = {
+          "auroc": metrics.auroc_from_histograms(negatives, positives),
+          "fpr_at_95_tpr": metrics.fpr_at_tpr_from_histograms(negatives, positives)}
+  return _json(result)
+
+
+def _json(value):
+  """numpy -> plain JSON values, nan -> None."""
+  if isinstance(value, dict):
+    return {k: _json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_json(v) for v in np.asarray(value).tolist()]
+  if isinstance(value, (float, np.floating)):
+    return None if np.isnan(value) else float(value)
+  return value
+
+
+def _write_histograms(path: Path, totals: dict) -> None:
+  """Every accumulated statistic as "<split>/<method>/<name>" arrays in one .npz, atomically
+  (plain arrays: np.load(path) needs no pickle)."""
+  tmp = path.with_name(f".{path.name}.tmp.npz")
+  np.savez(tmp, **{f"{split}/{method}/{name}": value
+                   for (split, method), stats in totals.items()
+                   for name, value in stats.items()})
+  tmp.replace(path)
 
 
 def write_results(workdir: str | Path, results: dict) -> Path:
@@ -122,52 +195,67 @@ def write_results(workdir: str | Path, results: dict) -> Path:
 def print_table(results: dict) -> None:
   """mIoU (%) per method (rows) and split (columns)."""
   splits = list(results["splits"])
-  methods = list(dict.fromkeys(m for s in splits for m in results["splits"][s]))
-  width = max(len(m) for m in methods) + 2
+  names = list(dict.fromkeys(m for s in splits for m in results["splits"][s]))
+  width = max(len(m) for m in names) + 2
   print("mIoU (%)".ljust(width) + "".join(f"{s:>16}" for s in splits))
-  for method in methods:
-    row = [results["splits"][s].get(method, {}).get("miou", float("nan")) for s in splits]
-    print(method.ljust(width) + "".join(f"{100 * v:>16.1f}" for v in row))
+  for method in names:
+    row = [results["splits"][s].get(method, {}).get("miou") for s in splits]
+    print(method.ljust(width) + "".join(
+        f"{'n/a':>16}" if v is None else f"{100 * v:>16.1f}" for v in row))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Stage "evaluate": every method on every test split -> `<workdir>/results.json`.
 
   Methods: `expert_<name>` for each expert, `ensemble` (the experts, uniform), `moe`
-  (from the gate stage's best checkpoint, which holds the frozen experts too), `baseline`
-  and, when trained, `deep_ensemble`.
+  (from the gate stage's best checkpoint, which holds the frozen experts too), `baseline`,
+  `mc_dropout_<T>` for each T in eval.mc_dropout_passes and, when trained, `deep_ensemble`.
+  The histograms behind every number go to `<workdir>/histograms.npz` (plain arrays).
 
   Returns:
-    {"splits": {split: {method: {"miou", "pixel_accuracy", "iou_per_class"}}},
-     "checkpoints": {stage: {"step", "val_miou", ...}}, "class_names": [...]}.
+    {"splits": {split: {method: summary}}, "ood": {method: {measure: ...}},
+     "thresholds": [T], "checkpoints": {stage: meta}, "class_names": [...]}.
   """
   start = time.perf_counter()
   names = input_pipeline.expert_names(config.data)
-  # (stage, model factory, prediction function, {prediction key: method name})
+  # (stage, model factory, output function, {output key: method name})
   runs = [("gate", lambda: build.mixture(config, build.experts(config, len(names))),
-           mixture_predictions,
+           methods.mixture_with(config.eval.moe_members),
            {"moe": "moe", "ensemble": "ensemble",
             **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(names)}}),
-          ("baseline", lambda: build.baseline(config), single_predictions,
-           {"model": "baseline"})]
+          ("baseline", lambda: build.baseline(config), methods.single, {"model": "baseline"})]
+  for passes in config.eval.mc_dropout_passes:
+    runs.append(("baseline", lambda: build.baseline(config), methods.mc_dropout_with(passes),
+                 {f"mc_dropout_{passes}": f"mc_dropout_{passes}"}))
   if config.model.deep_ensemble_members:
-    runs.append(("deep_ensemble", lambda: build.deep_ensemble(config),
-                 deep_ensemble_predictions, {"deep_ensemble": "deep_ensemble"}))
-  results = {"splits": {}, "checkpoints": {},
-             "class_names": list(input_pipeline.class_names(config.data))}
-  models = []
-  for stage, make, predict, rename in runs:
-    model, results["checkpoints"][stage] = checkpoint.restore_model(workdir, stage, make)
-    model.eval()
-    models.append((predict, model, rename))
+    runs.append(("deep_ensemble", lambda: build.deep_ensemble(config), methods.deep_ensemble,
+                 {"deep_ensemble": "deep_ensemble"}))
+  thresholds = metrics.REFERENCE_THRESHOLDS
+  results = {"splits": {}, "ood": {}, "thresholds": _json(thresholds), "checkpoints": {},
+             "class_names": list(input_pipeline.class_names(config.data)),
+             "moe_members": config.eval.moe_members}
+  models = {}
+  for stage, make, _, _ in runs:
+    if stage not in models:
+      models[stage], results["checkpoints"][stage] = checkpoint.restore_model(workdir, stage,
+                                                                              make)
+      models[stage].eval()
+  totals = {}
   for split in config.data.test_splits:
     entry = results["splits"].setdefault(split, {})
-    for predict, model, rename in models:
+    for stage, _, outputs, rename in runs:
       batches = input_pipeline.eval_batches(config.data, split,
                                             batch_size=config.eval.batch_size)
-      for key, confusion in confusions(predict, model, batches,
-                                       config.data.num_classes).items():
-        entry[rename[key]] = summary(confusion)
+      for key, stats in accumulate(outputs, models[stage], batches, config.data.num_classes,
+                                   uncertainty=True, seed=config.seed).items():
+        entry[rename[key]] = summary(stats, thresholds)
+        totals[(split, rename[key])] = stats
+  if config.eval.ood_splits:
+    in_split, out_split = config.eval.ood_splits
+    for (split, method), stats in totals.items():
+      if split == out_split and (in_split, method) in totals:
+        results["ood"][method] = ood_detection(totals[(in_split, method)], stats)
+  _write_histograms(Path(workdir) / HISTOGRAMS_FILE, totals)
   path = write_results(workdir, results)
   print(f"evaluate: {len(config.data.test_splits)} splits in "
         f"{time.perf_counter() - start:.0f} s -> {path}")

@@ -8,6 +8,7 @@ Runs the pipeline's stages in order (default: all of them):
   deep_ensemble M models on all data (only when model.deep_ensemble_members > 0)
   gate          the gate on all data, experts frozen
   evaluate      every method on every test split -> <workdir>/results.json
+  report        <workdir>/report.md: the tables and the paper's claims, measured
 A finished stage is skipped on a rerun; an interrupted one resumes from its checkpoint.
 """
 
@@ -20,9 +21,9 @@ import jax
 from ml_collections import config_flags
 
 from data_pipelines import DataError
-from moe_jax import checkpoint, evaluate, input_pipeline, train
+from moe_jax import checkpoint, evaluate, input_pipeline, report, train
 
-STAGES = ("data", "experts", "baseline", "deep_ensemble", "gate", "evaluate")
+STAGES = ("data", "experts", "baseline", "deep_ensemble", "gate", "evaluate", "report")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/a2d2.py:synthetic.", lock_config=True)
@@ -70,7 +71,8 @@ def main(argv) -> None:
   config = _CONFIG.value
   runners = {"experts": train.train_experts,
              "baseline": train.train_baseline, "deep_ensemble": train.train_deep_ensemble,
-             "gate": train.train_gate, "evaluate": evaluate.run}
+             "gate": train.train_gate, "evaluate": evaluate.run,
+             "report": lambda config, workdir: report.write(workdir)}
   start = time.perf_counter()
   try:
     workdir = input_pipeline.workdir_path(_WORKDIR.value)

@@ -154,24 +154,45 @@ def _ratios(n_ac, n_ic, n_au, n_iu) -> dict[str, np.ndarray]:
     }
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
-                               num_bins: int = 15) -> dict[str, float]:
-  """ECE and MCE with `num_bins` equal-width bins (lo, hi] on confidence in [0, 1].
+def calibration_histogram(confidence: jax.Array, correct: jax.Array, valid: jax.Array,
+                          num_bins: int = 15) -> jax.Array:
+  """Per-bin (count, Σ confidence, Σ correct) for equal-width bins (lo, hi] (jit-able).
 
-  ECE = Σ_b (n_b / N) |acc_b − conf_b|; MCE = max over non-empty bins. A confidence of
-  exactly 0 goes to the first bin.
+  A confidence of exactly 0 goes to the first bin. Sums are float32 per call; add the
+  results of many calls in float64 on the host.
+
+  Args:
+    confidence: [...] in [0, 1]; correct, valid: bool [...].
+
+  Returns:
+    float32 [3, num_bins].
   """
-  conf = np.asarray(confidence, np.float64).reshape(-1)
-  ok = np.asarray(correct, np.float64).reshape(-1)
-  bins = np.clip(np.ceil(conf * num_bins).astype(int) - 1, 0, num_bins - 1)
-  count = np.bincount(bins, minlength=num_bins)
-  sum_conf = np.bincount(bins, weights=conf, minlength=num_bins)
-  sum_ok = np.bincount(bins, weights=ok, minlength=num_bins)
+  conf = jnp.clip(confidence.astype(jnp.float32).reshape(-1), 0.0, 1.0)
+  ok = correct.reshape(-1).astype(jnp.float32)
+  weight = valid.reshape(-1).astype(jnp.float32)
+  bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+  sums = [jnp.zeros(num_bins, jnp.float32).at[bins].add(weight * x)
+          for x in (jnp.ones_like(conf), conf, ok)]
+  return jnp.stack(sums)
+
+
+def calibration_errors(histogram: np.ndarray) -> dict[str, float]:
+  """ECE = Σ_b (n_b / N) |acc_b − conf_b| and MCE = max over non-empty bins, from a
+  `calibration_histogram` [3, bins]; nan when it is empty."""
+  count, sum_conf, sum_ok = np.asarray(histogram, np.float64)
   filled = count > 0
-  gap = np.abs(sum_ok[filled] - sum_conf[filled]) / count[filled]
   if not filled.any():
     return {"ece": float("nan"), "mce": float("nan")}
+  gap = np.abs(sum_ok[filled] - sum_conf[filled]) / count[filled]
   return {"ece": float(np.sum(count[filled] * gap) / count.sum()), "mce": float(gap.max())}
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               num_bins: int = 15) -> dict[str, float]:
+  """ECE and MCE of arrays (confidence in [0, 1], correct bool), bins (lo, hi]."""
+  confidence = jnp.asarray(confidence, jnp.float32)
+  return calibration_errors(calibration_histogram(
+      confidence, jnp.asarray(correct), jnp.ones(confidence.shape, bool), num_bins))
 
 
 # ------------------------------------------------------------ detection from histograms

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from moe_jax import checkpoint, evaluate, input_pipeline, metrics
+from moe_jax import checkpoint, evaluate, input_pipeline, methods, metrics
 from moe_jax.models import build
 
 # Same value as data_pipelines.transforms.IGNORE_LABEL; not imported from there because
@@ -228,7 +228,7 @@ def _stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Modu
   def validate(members: nnx.Module) -> float:
     scores = [math.nan] * len(val_splits)
     for split in dict.fromkeys(val_splits):
-      cms = evaluate.confusions(evaluate.member_predictions, members,
+      cms = evaluate.confusions(methods.stacked, members,
                                 input_pipeline.eval_batches(config.data, split,
                                                             batch_size=config.eval.batch_size),
                                 config.data.num_classes)
@@ -239,10 +239,10 @@ def _stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Modu
   return validate
 
 
-def _validation(config, predict: Callable, method: str) -> Callable[[nnx.Module], float]:
-  """mIoU of `method` (a key of `predict`'s output) on the config's val split."""
+def _validation(config, outputs: Callable, method: str) -> Callable[[nnx.Module], float]:
+  """mIoU of `method` (a key of the output function's result) on the config's val split."""
   def validate(model: nnx.Module) -> float:
-    cms = evaluate.confusions(predict, model,
+    cms = evaluate.confusions(outputs, model,
                               input_pipeline.eval_batches(config.data, config.data.val_split,
                                                           batch_size=config.eval.batch_size),
                               config.data.num_classes)
@@ -325,7 +325,7 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   return _train(config, workdir, "baseline", lambda: build.baseline(config),
                 loss_fn=single_loss,
                 train_splits=[config.data.train_split], stacked=False,
-                validate=_validation(config, evaluate.single_predictions, "model"))
+                validate=_validation(config, methods.single, "model"))
 
 
 def mixture_with_trained_experts(config: ml_collections.ConfigDict,
@@ -340,5 +340,5 @@ def train_gate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Stage "gate": the gate (and fusion conv) on all training data, experts frozen."""
   return _train(config, workdir, "gate", lambda: mixture_with_trained_experts(config, workdir),
                 loss_fn=mixture_loss, train_splits=[config.data.train_split], stacked=False,
-                validate=_validation(config, evaluate.mixture_predictions, "moe"),
+                validate=_validation(config, methods.mixture, "moe"),
                 wrt=GATE_PARAMS, train_mode=False)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,9 @@ def run_main(*args, workdir, env=None):
   return result.returncode, result.stdout, result.stderr
 
 
-METHODS = {"expert_highway", "expert_urban", "ensemble", "moe", "baseline", "deep_ensemble"}
+METHODS = {"expert_highway", "expert_urban", "ensemble", "moe", "baseline", "deep_ensemble",
+           "mc_dropout_2"}
+MEASURES = {"predictive_entropy", "mutual_information", "expert_variance", "gate_entropy"}
 DEEP_ENSEMBLE = ("--config.model.deep_ensemble_members=2",)
 TEST_SPLITS = {"highway_test", "urban_test", "all_test", "ambiguous_test"}
 
@@ -52,6 +55,23 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
     for entry in methods.values():
       assert 0.0 <= entry["miou"] <= 1.0 and len(entry["iou_per_class"]) == 38
   assert set(results["checkpoints"]) == {"gate", "baseline", "deep_ensemble"}
+  assert len(results["thresholds"]) == 50 and results["thresholds"][0] == 0.01
+  moe = results["splits"]["ambiguous_test"]["moe"]
+  assert set(moe["uncertainty"]) == MEASURES
+  for measure, entry in moe["uncertainty"].items():
+    assert len(entry["pavpu"]) == 50, measure
+    assert 0 <= entry["auroc_misclassification"] <= 1 and 0 <= entry["ece"] <= 1, measure
+  assert set(results["splits"]["all_test"]["baseline"]["uncertainty"]) == {"predictive_entropy"}
+  assert set(results["splits"]["all_test"]["mc_dropout_2"]["uncertainty"]) == \
+      MEASURES - {"gate_entropy"}
+  assert set(results["ood"]["moe"]) == MEASURES
+  with np.load(workdir / "histograms.npz") as histograms:  # plain arrays, no pickle
+    assert histograms["all_test/moe/histogram/gate_entropy"].shape == (2, 1000)
+  report = (workdir / "report.md").read_text()
+  assert "## mIoU (%)" in report and "## OOD detection" in report
+  assert "1. **MoE vs ensemble under OOD** (`ambiguous_test`" in report
+  miou = results["splits"]["urban_test"]["moe"]["miou"]
+  assert "| moe | " in report and f"{100 * miou:.1f}" in report
   assert len(results["class_names"]) == 38
   for method in METHODS:  # the printed table is the JSON's
     miou = results["splits"]["all_test"][method]["miou"]

@@ -22,6 +22,13 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), "bilinear")
 
 
+def _dropout(layer: nnx.Dropout, x: jax.Array, key: jax.Array | None) -> jax.Array:
+  """The layer as its mode says, or stochastic with `key` when one is given."""
+  if key is None:
+    return layer(x)
+  return layer(x, deterministic=False, rngs=key)
+
+
 class ConvBNReLU(nnx.Module):
 
   def __init__(self, in_ch, out_ch, kernel, *, dilation=1, rngs):
@@ -43,12 +50,12 @@ class ASPP(nnx.Module):
     self.project = ConvBNReLU(channels * (len(rates) + 2), channels, 1, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, dropout_key: jax.Array | None = None):
     pooled = self.pooling(jnp.mean(x, axis=(1, 2), keepdims=True))
     # Upsampling a 1x1 map bilinearly is a broadcast.
     pooled = jnp.broadcast_to(pooled, x.shape[:3] + pooled.shape[-1:])
     features = jnp.concatenate([b(x) for b in self.branches] + [pooled], axis=-1)
-    return self.dropout(self.project(features))
+    return _dropout(self.dropout, self.project(features), dropout_key)
 
 
 class DeepLabV3Plus(nnx.Module):
@@ -77,14 +84,21 @@ class DeepLabV3Plus(nnx.Module):
     """The deterministic part: images -> (low_level [B,H/4,W/4,*], backbone out [B,H/16,W/16,*])."""
     return self.backbone(images)
 
-  def head(self, low_level: jax.Array, features: jax.Array,
-           out_size: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-    """ASPP + decoder: the part that carries dropout (MC dropout reruns only this)."""
-    aspp = self.aspp(features)
+  def head(self, low_level: jax.Array, features: jax.Array, out_size: tuple[int, int],
+           dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """ASPP + decoder: the part that carries dropout (MC dropout reruns only this).
+
+    dropout_key: when given, dropout is on and drawn from this key whatever the module's
+    mode (MC dropout in eval mode: BatchNorm keeps its running statistics).
+    """
+    aspp_key = decoder_key = None
+    if dropout_key is not None:
+      aspp_key, decoder_key = jax.random.split(dropout_key)
+    aspp = self.aspp(features, aspp_key)
     low = self.low_level(low_level)
     up = resize_bilinear(aspp, low.shape[1], low.shape[2])
     x = self.decoder(jnp.concatenate([up, low], axis=-1))
-    logits = self.classifier(self.decoder_dropout(x))
+    logits = self.classifier(_dropout(self.decoder_dropout, x, decoder_key))
     return resize_bilinear(logits, *out_size), aspp
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,154 @@
+"""What each model gives per method: a prediction, its class probabilities and its
+uncertainty maps, all from one forward (jit-able).
+
+An *output function* `(model, images float32 [B,H,W,3], key) -> {method: Output}` serves
+one model kind; every method it can produce comes out of the same compiled call (the MoE
+forward gives each expert, the uniform ensemble and the MoE). `key` seeds MC dropout and
+is ignored by the deterministic methods.
+
+Output = {"prediction": int [B,H,W], "probs": float32 [B,H,W,C] (the method's predictive
+distribution, for max-softmax calibration, Brier and NLL), and normalised maps in [0, 1]
+for the measures it has: "predictive_entropy", "mutual_information", "expert_variance",
+"gate_entropy"}. A single deterministic model has only predictive entropy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from moe_jax import uncertainty
+
+MEASURES = ("predictive_entropy", "mutual_information", "expert_variance", "gate_entropy")
+# The reference's MoE sample sets: gate-weighted experts, experts only (uniform), and the
+# MoE output stacked with the experts (uniform over K + 1).
+MOE_MEMBERS = ("weighted", "uniform", "stacked")
+
+Output = dict[str, jax.Array]
+
+
+def single_output(logits: jax.Array) -> Output:
+  """One deterministic model: logits [B,H,W,C] -> prediction, probs, PE."""
+  probs = uncertainty.probabilities(logits)
+  return {"prediction": jnp.argmax(logits, axis=-1), "probs": probs,
+          "predictive_entropy": uncertainty.normalised(
+              {"predictive_entropy": uncertainty.entropy(probs)}, probs.shape[-1])[
+                  "predictive_entropy"]}
+
+
+def members_output(probs: jax.Array, weights: jax.Array | None = None) -> Output:
+  """S members: probs [S,B,H,W,C], weights [S,B,1,1] or None -> argmax p̄, p̄, PE, MI, EV."""
+  moments = uncertainty.moments(probs, weights)
+  raw = uncertainty.measures(moments)
+  maps = uncertainty.normalised(raw, probs.shape[-1])
+  return {"prediction": maps.pop("prediction"), "probs": uncertainty.mean_probs(moments),
+          **maps}
+
+
+def single(model: nnx.Module, images: jax.Array, key: jax.Array) -> dict[str, Output]:
+  """A DeepLabV3Plus: {"model": Output}."""
+  del key
+  logits, _ = model(images)
+  return {"model": single_output(logits)}
+
+
+def stacked(members: nnx.Module, images: jax.Array, key: jax.Array) -> dict[str, Output]:
+  """Stacked models, each on its own: {"0": Output, "1": ..., ...}."""
+  del key
+  logits, _ = members(images)
+  return {str(k): single_output(logits[k]) for k in range(logits.shape[0])}
+
+
+def deep_ensemble(members: nnx.Module, images: jax.Array, key: jax.Array) -> dict[str, Output]:
+  """Stacked deep-ensemble members, uniform: {"deep_ensemble": Output}."""
+  del key
+  logits, _ = members(images)
+  return {"deep_ensemble": members_output(uncertainty.probabilities(logits))}
+
+
+def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
+            members: str = "weighted") -> dict[str, Output]:
+  """The MoE and what its forward also gives: {"moe", "ensemble", "expert_0", ...}.
+
+  "moe" predicts argmax of the fused logits (its probs are their softmax); its PE, MI and
+  EV come from the `members` sample set (see MOE_MEMBERS) and GE from the gate (simple:
+  per image; classwise: the predicted class's gate).
+  """
+  del key
+  out = moe(images)
+  expert_probs = uncertainty.probabilities(out["expert_logits"])  # [K,B,H,W,C]
+  gates = out["gate_weights"]  # [B,K] or [B,C,K]
+  fused = single_output(out["logits"])
+  if members == "weighted":
+    if gates.ndim == 2:
+      weights = gates.T[:, :, None, None]
+    else:  # classwise: each class has its own weights; use those of the fused prediction
+      weights = jnp.moveaxis(jnp.take_along_axis(
+          gates[:, None, None, :, :], fused["prediction"][..., None, None], axis=3)[..., 0, :],
+          -1, 0)
+    sample = members_output(expert_probs, weights)
+  elif members == "uniform":
+    sample = members_output(expert_probs)
+  elif members == "stacked":
+    sample = members_output(jnp.concatenate([fused["probs"][None], expert_probs]))
+  else:
+    raise ValueError(f"config key eval.moe_members={members!r}; use one of "
+                     f"{', '.join(MOE_MEMBERS)}.")
+  num_experts = expert_probs.shape[0]
+  gate_entropy = uncertainty.normalised(
+      {"gate_entropy": uncertainty.gate_entropy_map(gates, fused["prediction"])},
+      fused["probs"].shape[-1], num_experts)["gate_entropy"]
+  outputs = {"moe": {**fused, "predictive_entropy": sample["predictive_entropy"],
+                     "mutual_information": sample["mutual_information"],
+                     "expert_variance": sample["expert_variance"],
+                     "gate_entropy": gate_entropy},
+             "ensemble": members_output(expert_probs)}
+  for k in range(num_experts):
+    outputs[f"expert_{k}"] = single_output(out["expert_logits"][k])
+  return outputs
+
+
+def mixture_with(members: str):
+  """`mixture` with a fixed sample set, as one reusable (hashable) output function."""
+  return functools.partial(mixture, members=members)
+
+
+def mc_dropout_probs(model: nnx.Module, images: jax.Array, key: jax.Array,
+                     passes: int, shared_encoder: bool = True) -> jax.Array:
+  """T = `passes` stochastic passes of a DeepLabV3Plus in eval mode: probs [T,B,H,W,C].
+
+  Only the dropout layers are stochastic (BatchNorm keeps its running statistics).
+  shared_encoder: run the backbone once and only the dropout-carrying head T times under
+  vmap over keys (the head is all that changes); False runs T full passes (for comparison).
+  """
+  keys = jax.random.split(key, passes)
+  size = images.shape[1:3]
+  graphdef, state = nnx.split(model)
+
+  def head(low, features, k):
+    logits, _ = nnx.merge(graphdef, state).head(low, features, size, dropout_key=k)
+    return uncertainty.probabilities(logits)
+
+  if shared_encoder:
+    low, features = model.encode(images)
+    return jax.vmap(head, in_axes=(None, None, 0))(low, features, keys)
+
+  def full(k):
+    low, features = nnx.merge(graphdef, state).encode(images)
+    return head(low, features, k)
+  return jax.vmap(full)(keys)
+
+
+def mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
+               passes: int) -> dict[str, Output]:
+  """MC dropout on the baseline: {"mc_dropout_<T>": Output} (uniform over the T passes)."""
+  return {f"mc_dropout_{passes}": members_output(
+      mc_dropout_probs(model, images, key, passes))}
+
+
+def mc_dropout_with(passes: int):
+  """`mc_dropout` with a fixed T, as one reusable (hashable) output function."""
+  return functools.partial(mc_dropout, passes=passes)

@@ -1,0 +1,141 @@
+"""Stage "report": `<workdir>/report.md` from `results.json` (tables a reader of the paper
+expects, and the paper's claims as measured on this run's data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from moe_jax import checkpoint
+
+REPORT_FILE = "report.md"
+SHORT = {"predictive_entropy": "PE", "mutual_information": "MI", "expert_variance": "EV",
+         "gate_entropy": "GE"}
+OPERATING_POINT = 0.5
+
+
+def _pct(value) -> str:
+  return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _at(curve: list, thresholds: list, t: float):
+  return curve[int(np.argmin(np.abs(np.asarray(thresholds) - t)))]
+
+
+def _area(curve: list):
+  """Mean over the threshold sweep (the area under the curve on [0, 1]); None if undefined."""
+  values = [v for v in curve if v is not None]
+  return float(np.mean(values)) if len(values) == len(curve) else None
+
+
+def _method_rank(method: str) -> tuple:
+  """Experts, ensemble, MoE, deep ensemble, baseline, MC dropout by T."""
+  order = ["expert", "ensemble", "moe", "deep_ensemble", "baseline", "mc_dropout"]
+  family = next(i for i, f in enumerate(order) if method == f or method.startswith(f + "_"))
+  number = int(method.rsplit("_", 1)[1]) if method.startswith("mc_dropout_") else 0
+  return family, number, method
+
+
+def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[list[str]]:
+  rows = []
+  for method in sorted(split_results, key=_method_rank):
+    entry = split_results[method]
+    for measure in SHORT:
+      if measure not in entry.get("uncertainty", {}):
+        continue
+      values = entry["uncertainty"][measure]
+      rows.append([method, SHORT[measure]] + [
+          _pct(_at(values[key], thresholds, OPERATING_POINT))
+          for key in ("p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu")] +
+          [_pct(_area(values["pavpu"]))])
+  return rows
+
+
+def claims(results: dict, ood_split: str | None) -> list[str]:
+  """The paper's three claims, measured here (whichever way they go)."""
+  lines = ["## The paper's claims, measured on this run's data", ""]
+  split = results["splits"].get(ood_split or "", {})
+  if "moe" in split and "ensemble" in split:
+    verdicts = []
+    for measure in ("predictive_entropy", "mutual_information", "expert_variance"):
+      moe = _area(split["moe"]["uncertainty"][measure]["pavpu"])
+      ens = _area(split["ensemble"]["uncertainty"][measure]["pavpu"])
+      if moe is not None and ens is not None:
+        better = "higher" if moe > ens else "lower" if moe < ens else "equal"
+        verdicts.append(f"{SHORT[measure]}: MoE {_pct(moe)} vs ensemble {_pct(ens)} "
+                        f"(MoE {better})")
+    lines += [f"1. **MoE vs ensemble under OOD** (`{ood_split}`, PAvPU averaged over the "
+              f"threshold sweep, %): " + "; ".join(verdicts) + "."]
+  else:
+    lines += ["1. **MoE vs ensemble under OOD**: not measured (no OOD split in this run)."]
+  gates = {results.get("gate")} - {None}
+  lines += ["2. **Simple vs classwise gate-entropy calibration**: not measured in this run "
+            f"(it trained the {', '.join(sorted(gates)) or 'configured'} gate only; train "
+            "the other with `--config.model.gate=classwise` in another workdir and compare "
+            "their `gate_entropy` ECE)."]
+  lines += ["3. **Calibration vs number of experts** (Cityscapes): not measured here; run "
+            "`configs/cityscapes.py:<K>` for several K and compare the MoE's ECE.", ""]
+  return lines
+
+
+def write(workdir: str | Path) -> Path:
+  """Writes `<workdir>/report.md` from `<workdir>/results.json`; returns its path."""
+  workdir = Path(workdir)
+  path = workdir / "results.json"
+  if not path.is_file():
+    raise checkpoint.CheckpointError(f"no {path}; run the 'evaluate' stage first "
+                                     "(--stages=evaluate) with the same --workdir")
+  results = json.loads(path.read_text())
+  config = checkpoint.load_config(workdir)
+  results["gate"] = config["model"]["gate"]
+  splits = [s for s in config["data"]["test_splits"] if s in results["splits"]]
+  methods = sorted(dict.fromkeys(m for s in splits for m in results["splits"][s]),
+                   key=_method_rank)
+  thresholds = results["thresholds"]
+  in_split, ood_split = (config["eval"]["ood_splits"] or [None, None])
+  lines = [f"# Report: {workdir.name}", "",
+           f"Data `{config['data']['name']}` at {tuple(config['data']['image_size'])}, "
+           f"{config['model']['backbone']} ×{config['model']['width']} experts, "
+           f"{config['model']['gate']} gate, MoE uncertainty from the "
+           f"`{results['moe_members']}` sample set. Pixels pooled over each split; "
+           "uncertainty normalised to [0, 1]; certain ⇔ u < t.", "",
+           "## mIoU (%)", ""]
+  lines += _table(["method"] + splits, [[m] + [_pct(results["splits"][s].get(m, {}).get("miou"))
+                                               for s in splits] for m in methods])
+  for split in [s for s in dict.fromkeys([in_split, ood_split, *splits[:1]]) if s]:
+    lines += ["", f"## Conditional correctness on `{split}` (%, t = {OPERATING_POINT}; "
+              "PAvPU area = mean over the sweep)", ""]
+    lines += _table(["method", "measure", "p(accurate\\|certain)", "p(uncertain\\|inaccurate)",
+                     "PAvPU", "PAvPU area"],
+                    conditional_correctness_rows(results["splits"][split], thresholds))
+    lines += ["", f"## Calibration on `{split}` (ECE %, 15 bins; confidence = 1 − u, or "
+              "the max softmax)", ""]
+    rows = []
+    for method in sorted(results["splits"][split], key=_method_rank):
+      entry = results["splits"][split][method]
+      if "calibration" in entry:
+        rows.append([method, _pct(entry["calibration"]["max_softmax"]["ece"])] +
+                    [_pct(entry["uncertainty"].get(m, {}).get("ece")) for m in SHORT] +
+                    [f"{entry['brier']:.3f}", f"{entry['nll']:.3f}"])
+    lines += _table(["method", "max softmax"] + list(SHORT.values()) + ["Brier", "NLL"], rows)
+  if results["ood"]:
+    lines += ["", f"## OOD detection: `{in_split}` vs `{ood_split}` pixels (AUROC %, FPR at "
+              "95% TPR %)", ""]
+    lines += _table(["method"] + [f"{SHORT[m]} AUROC / FPR95" for m in SHORT], [
+        [method] + [f"{_pct(o[m]['auroc'])} / {_pct(o[m]['fpr_at_95_tpr'])}" if m in o else "–"
+                    for m in SHORT] for method, o in sorted(results["ood"].items(),
+                                                key=lambda item: _method_rank(item[0]))])
+  lines += [""] + claims(results, ood_split)
+  out = workdir / REPORT_FILE
+  tmp = out.with_name(f".{out.name}.tmp")
+  tmp.write_text("\n".join(lines) + "\n")
+  tmp.replace(out)
+  print(f"report: {out}")
+  return out

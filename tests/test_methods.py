@@ -1,0 +1,83 @@
+"""Method outputs: predictions, probabilities and maps of the MoE, ensembles, MC dropout."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax import methods, uncertainty
+from moe_jax.models import moe
+from moe_jax.models.deeplab import DeepLabV3Plus
+
+SMALL = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.125, aspp_channels=8,
+                                       aspp_dropout=0.5, decoder_dropout=0.5))
+IMAGES = jnp.asarray(np.random.default_rng(0).random((2, 32, 48, 3)), jnp.float32)
+
+
+def tiny_moe(gate):
+  experts = moe.StackedExperts(moe.make_expert(SMALL, 4), 3, execution="unroll",
+                               rngs=nnx.Rngs(0))
+  model = moe.MixtureOfExperts(experts, num_classes=4, image_size=(32, 48), gate=gate,
+                               gate_hidden=8, rngs=nnx.Rngs(1))
+  model.eval()
+  return model
+
+
+@pytest.mark.parametrize("gate", ["simple", "classwise"])
+def test_mixture_outputs_are_consistent_with_the_forward(gate):
+  model = tiny_moe(gate)
+  # One compile for the forward and all three sample sets.
+  forward, outs = nnx.jit(lambda m, x: (m(x), {members: methods.mixture(
+      m, x, None, members=members) for members in methods.MOE_MEMBERS}))(model, IMAGES)
+  for members, out in outs.items():
+    check_mixture_output(out, forward, gate, members)
+
+
+def check_mixture_output(out, forward, gate, members):
+  assert set(out) == {"moe", "ensemble", "expert_0", "expert_1", "expert_2"}
+  moe_out = out["moe"]
+  np.testing.assert_array_equal(moe_out["prediction"], jnp.argmax(forward["logits"], -1))
+  for measure in methods.MEASURES:
+    assert moe_out[measure].shape == (2, 32, 48), measure
+    assert np.all((moe_out[measure] >= 0) & (moe_out[measure] <= 1)), measure
+  probs = uncertainty.probabilities(forward["expert_logits"])
+  gates = forward["gate_weights"]
+  if members == "weighted" and gate == "simple":
+    expected = uncertainty.measures(uncertainty.moments(probs, gates.T[:, :, None, None]))
+    np.testing.assert_allclose(moe_out["mutual_information"],
+                               expected["mutual_information"] / np.log(4), atol=1e-6)
+  if members == "weighted" and gate == "classwise":
+    # Pixel (b, h, w) weighs the experts by the gate of its predicted class.
+    b, h, w = 1, 5, 7
+    c = int(moe_out["prediction"][b, h, w])
+    single = uncertainty.measures(uncertainty.moments(probs[:, b, h, w], gates[b, c]))
+    np.testing.assert_allclose(moe_out["expert_variance"][b, h, w],
+                               single["expert_variance"] / 0.5, atol=1e-6)
+  if gate == "simple":  # one gate entropy per image
+    ge = np.asarray(moe_out["gate_entropy"])
+    assert np.all(ge == ge[:, :1, :1])
+  ensemble = out["ensemble"]
+  np.testing.assert_allclose(ensemble["probs"], probs.mean(0), atol=1e-6)
+  np.testing.assert_array_equal(out["expert_1"]["prediction"],
+                                jnp.argmax(forward["expert_logits"][1], -1))
+
+
+def test_mc_dropout_shared_encoder_equals_full_passes_and_passes_differ():
+  model = DeepLabV3Plus(4, backbone="resnet18", width=0.125, aspp_channels=8, aspp_dropout=0.5,
+                        decoder_dropout=0.5, rngs=nnx.Rngs(0))
+  model.eval()
+  key = jax.random.key(3)
+  run = nnx.jit(methods.mc_dropout_probs, static_argnums=(3, 4))
+  shared = run(model, IMAGES, key, 4, True)
+  full = run(model, IMAGES, key, 4, False)
+  assert shared.shape == (4, 2, 32, 48, 4)
+  np.testing.assert_allclose(shared, full, atol=1e-5)
+  assert not np.allclose(shared[0], shared[1])  # dropout is on, with a key per pass
+  deterministic, _ = nnx.jit(lambda m, x: m(x))(model, IMAGES)  # eval mode: no dropout
+  again, _ = nnx.jit(lambda m, x: m(x))(model, IMAGES)
+  np.testing.assert_array_equal(deterministic, again)
+  out = nnx.jit(methods.mc_dropout_with(4))(model, IMAGES, key)["mc_dropout_4"]
+  np.testing.assert_allclose(out["probs"], shared.mean(0), atol=1e-6)
+  assert float(out["mutual_information"].max()) > 0
