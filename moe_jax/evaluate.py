@@ -107,6 +107,11 @@ def _add(totals: dict, result: dict) -> None:
       into[name] = into.get(name, 0) + wide
 
 
+def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Statistics of disjoint sets of pixels -> those of their union (a sum)."""
+  return {name: sum(part[name] for part in parts) for name in parts[0]}
+
+
 def confusions(outputs: Callable, model: nnx.Module, batches: Iterable[dict],
                num_classes: int) -> dict[str, np.ndarray]:
   """{method: int64 [C, C]} over `batches` (validation: predictions only)."""
@@ -240,16 +245,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       models[stage], results["checkpoints"][stage] = checkpoint.restore_model(workdir, stage,
                                                                               make)
       models[stage].eval()
-  totals = {}
-  for split in config.data.test_splits:
-    entry = results["splits"].setdefault(split, {})
+  # Each disjoint part is evaluated once; a union split (all_test) sums its parts.
+  parts = {split: input_pipeline.split_parts(config.data, split)
+           for split in config.data.test_splits}
+  part_totals = {}
+  for part in dict.fromkeys(p for split in config.data.test_splits for p in parts[split]):
     for stage, _, outputs, rename in runs:
-      batches = input_pipeline.eval_batches(config.data, split,
+      batches = input_pipeline.eval_batches(config.data, part,
                                             batch_size=config.eval.batch_size)
       for key, stats in accumulate(outputs, models[stage], batches, config.data.num_classes,
                                    uncertainty=True, seed=config.seed).items():
-        entry[rename[key]] = summary(stats, thresholds)
-        totals[(split, rename[key])] = stats
+        part_totals[(part, rename[key])] = stats
+  totals = {}
+  for split in config.data.test_splits:
+    for method in dict.fromkeys(m for (p, m) in part_totals if p == parts[split][0]):
+      totals[(split, method)] = merge([part_totals[(p, method)] for p in parts[split]])
+      results["splits"].setdefault(split, {})[method] = summary(totals[(split, method)],
+                                                                 thresholds)
   if config.eval.ood_splits:
     in_split, out_split = config.eval.ood_splits
     for (split, method), stats in totals.items():

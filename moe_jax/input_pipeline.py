@@ -81,6 +81,14 @@ def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
                                  tfds_dir=data.tfds_dir or None)
 
 
+def split_parts(data: ml_collections.ConfigDict, split: str) -> list[str]:
+  """The disjoint splits a split is the union of (A2D2's all_* = highway_* + urban_*), else
+  [split]; statistics of the parts sum to those of the whole."""
+  if data.name == "a2d2" and split in a2d2.COMBINED_SPLITS:
+    return a2d2.COMBINED_SPLITS[split].split("+")
+  return [split]
+
+
 def expert_names(data: ml_collections.ConfigDict) -> list[str]:
   """One name per expert: A2D2 domains ("highway", "urban"), Cityscapes "group<k>"."""
   if data.name == "a2d2":
