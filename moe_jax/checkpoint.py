@@ -356,8 +356,9 @@ def restore_model(workdir: str | os.PathLike, stage: str, make: Callable[[], Any
       traced (`nnx.eval_shape`) for the structure and shapes.
 
   Returns:
-    (model, meta): the model holding the checkpoint's "model" state (the optimiser state
-    is not read), and the step's meta dict.
+    (model, meta): the model holding the checkpoint's "model" state, and the step's meta
+    dict. (Orbax's standard handler restores whole trees, so the optimiser state is read
+    too and dropped.)
 
   Raises:
     CheckpointError: the stage has not finished (or never ran) in `workdir`, or the
@@ -445,17 +446,21 @@ def _first_line(e: BaseException) -> str:
 # -------------------------------------------------------------------- config
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> pathlib.Path:
-  """Writes a JSON object to `path` atomically (readers see the old file or the new one).
+  """Writes a JSON object to `path` atomically (see `write_atomic`)."""
+  return write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
-  The text goes to a temp file in the same directory, is fsynced, then `os.replace`d.
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> pathlib.Path:
+  """Writes `data` to `path` so that readers see the old file or the new one, never a mix.
+
+  The bytes go to a temp file in the same directory, are fsynced, then `os.replace`d.
   """
-  text = json.dumps(data, indent=2, sort_keys=True) + "\n"
   target = pathlib.Path(path).expanduser()
   target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())  # the rename must not land before the data does
     os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are for everyone to read

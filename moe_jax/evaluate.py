@@ -11,6 +11,7 @@ devices, hosts or shards merge by addition.
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,7 +27,6 @@ from moe_jax.models import build
 
 RESULTS_FILE = "results.json"
 HISTOGRAMS_FILE = "histograms.npz"
-IGNORE_LABEL = metrics.IGNORE_LABEL
 
 
 def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: int,
@@ -34,7 +34,7 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
   stats = {"confusion": metrics.confusion_matrix(labels, output["prediction"], num_classes)}
   if not uncertainty:
     return stats
-  valid = labels != IGNORE_LABEL
+  valid = (labels >= 0) & (labels < num_classes)  # as the confusion matrix counts them
   correct = output["prediction"] == labels
   probs = output["probs"]
   for measure in methods.MEASURES:
@@ -185,11 +185,11 @@ def _json(value):
 def _write_histograms(path: Path, totals: dict) -> None:
   """Every accumulated statistic as "<split>/<method>/<name>" arrays in one .npz, atomically
   (plain arrays: np.load(path) needs no pickle)."""
-  tmp = path.with_name(f".{path.name}.tmp.npz")
-  np.savez(tmp, **{f"{split}/{method}/{name}": value
-                   for (split, method), stats in totals.items()
-                   for name, value in stats.items()})
-  tmp.replace(path)
+  buffer = io.BytesIO()
+  np.savez(buffer, **{f"{split}/{method}/{name}": value
+                      for (split, method), stats in totals.items()
+                      for name, value in stats.items()})
+  checkpoint.write_atomic(path, buffer.getvalue())
 
 
 def write_results(workdir: str | Path, results: dict) -> Path:
@@ -222,6 +222,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
      "thresholds": [T], "checkpoints": {stage: meta}, "class_names": [...]}.
   """
   start = time.perf_counter()
+  ood_splits = list(config.eval.ood_splits)
+  if ood_splits and (len(ood_splits) != 2 or not set(ood_splits) <= set(config.data.test_splits)):
+    raise ValueError(f"config key eval.ood_splits={tuple(ood_splits)} must be two of "
+                     f"data.test_splits={tuple(config.data.test_splits)} (ID, OOD), or ().")
   names = input_pipeline.expert_names(config.data)
   # (stage, model factory, output function, {output key: method name})
   runs = [("gate", lambda: build.mixture(config, build.experts(config, len(names))),
@@ -238,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   thresholds = metrics.REFERENCE_THRESHOLDS
   results = {"splits": {}, "ood": {}, "thresholds": _json(thresholds), "checkpoints": {},
              "class_names": list(input_pipeline.class_names(config.data)),
-             "moe_members": config.eval.moe_members}
+             "moe_members": config.eval.moe_members, "ood_splits": ood_splits}
   models = {}
   for stage, make, _, _ in runs:
     if stage not in models:
@@ -262,8 +266,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       totals[(split, method)] = merge([part_totals[(p, method)] for p in parts[split]])
       results["splits"].setdefault(split, {})[method] = summary(totals[(split, method)],
                                                                  thresholds)
-  if config.eval.ood_splits:
-    in_split, out_split = config.eval.ood_splits
+  if ood_splits:
+    in_split, out_split = ood_splits
     for (split, method), stats in totals.items():
       if split == out_split and (in_split, method) in totals:
         results["ood"][method] = ood_detection(totals[(in_split, method)], stats)

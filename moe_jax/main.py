@@ -66,7 +66,7 @@ def main(argv) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO.
   # The "rbg" PRNG initialises the paper's ResNet-101 experts ~4x faster than threefry on
-  # CPU (see DESIGN.md); random streams are still reproducible per seed.
+  # CPU (see the README's measured facts); random streams are still reproducible per seed.
   jax.config.update("jax_default_prng_impl", "rbg")
   config = _CONFIG.value
   runners = {"experts": train.train_experts,

@@ -40,10 +40,15 @@ def single_output(logits: jax.Array) -> Output:
 
 
 def members_output(probs: jax.Array, weights: jax.Array | None = None) -> Output:
-  """S members: probs [S,B,H,W,C], weights [S,B,1,1] or None -> argmax p̄, p̄, PE, MI, EV."""
-  moments = uncertainty.moments(probs, weights)
+  """S members: probs [S,B,H,W,C], weights [S,B,1,1] or [S,B,H,W] or None -> argmax p̄, p̄,
+  PE, MI, EV."""
+  return moments_output(uncertainty.moments(probs, weights))
+
+
+def moments_output(moments: uncertainty.Moments) -> Output:
+  """Members summarised as running sums -> argmax p̄, p̄, PE, MI, EV."""
   raw = uncertainty.measures(moments)
-  maps = uncertainty.normalised(raw, probs.shape[-1])
+  maps = uncertainty.normalised(raw, moments.reference.shape[-1])
   return {"prediction": maps.pop("prediction"), "probs": uncertainty.mean_probs(moments),
           **maps}
 
@@ -144,9 +149,22 @@ def mc_dropout_probs(model: nnx.Module, images: jax.Array, key: jax.Array,
 
 def mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
                passes: int) -> dict[str, Output]:
-  """MC dropout on the baseline: {"mc_dropout_<T>": Output} (uniform over the T passes)."""
-  return {f"mc_dropout_{passes}": members_output(
-      mc_dropout_probs(model, images, key, passes))}
+  """MC dropout on the baseline: {"mc_dropout_<T>": Output} (uniform over the T passes).
+
+  The backbone runs once; the head's T passes are scanned, so memory holds about two
+  passes' probabilities whatever T (at 912x912 x 38 classes, one pass of a batch of 4 is
+  0.5 GB). `mc_dropout_probs` gives the same passes at once, under vmap.
+  """
+  keys = jax.random.split(key, passes)
+  size = images.shape[1:3]
+  low, features = model.encode(images)
+  graphdef, state = nnx.split(model)
+
+  def member(s):
+    logits, _ = nnx.merge(graphdef, state).head(low, features, size, dropout_key=keys[s])
+    return uncertainty.probabilities(logits)
+
+  return {f"mc_dropout_{passes}": moments_output(uncertainty.scan_members(member, passes))}
 
 
 def mc_dropout_with(passes: int):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_jax import checkpoint
+from moe_jax import checkpoint, evaluate
 
 REPORT_FILE = "report.md"
 SHORT = {"predictive_entropy": "PE", "mutual_information": "MI", "expert_variance": "EV",
@@ -25,8 +25,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
           *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def _at(curve: list, thresholds: list, t: float):
-  return curve[int(np.argmin(np.abs(np.asarray(thresholds) - t)))]
+def _nearest(thresholds: list, t: float) -> int:
+  """Index of the sweep's threshold nearest t (the reference sweep has 0.49 and 0.51)."""
+  return int(np.argmin(np.abs(np.asarray(thresholds) - t)))
 
 
 def _area(curve: list):
@@ -44,6 +45,7 @@ def _method_rank(method: str) -> tuple:
 
 
 def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[list[str]]:
+  at = _nearest(thresholds, OPERATING_POINT)
   rows = []
   for method in sorted(split_results, key=_method_rank):
     entry = split_results[method]
@@ -52,13 +54,13 @@ def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[
         continue
       values = entry["uncertainty"][measure]
       rows.append([method, SHORT[measure]] + [
-          _pct(_at(values[key], thresholds, OPERATING_POINT))
+          _pct(values[key][at])
           for key in ("p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu")] +
           [_pct(_area(values["pavpu"]))])
   return rows
 
 
-def claims(results: dict, ood_split: str | None) -> list[str]:
+def claims(results: dict, ood_split: str | None, gate: str) -> list[str]:
   """The paper's three claims, measured here (whichever way they go)."""
   lines = ["## The paper's claims, measured on this run's data", ""]
   split = results["splits"].get(ood_split or "", {})
@@ -75,9 +77,8 @@ def claims(results: dict, ood_split: str | None) -> list[str]:
               f"threshold sweep, %): " + "; ".join(verdicts) + "."]
   else:
     lines += ["1. **MoE vs ensemble under OOD**: not measured (no OOD split in this run)."]
-  gates = {results.get("gate")} - {None}
   lines += ["2. **Simple vs classwise gate-entropy calibration**: not measured in this run "
-            f"(it trained the {', '.join(sorted(gates)) or 'configured'} gate only; train "
+            f"(it trained the {gate} gate only; train "
             "the other with `--config.model.gate=classwise` in another workdir and compare "
             "their `gate_entropy` ECE)."]
   lines += ["3. **Calibration vs number of experts** (Cityscapes): not measured here; run "
@@ -88,18 +89,17 @@ def claims(results: dict, ood_split: str | None) -> list[str]:
 def write(workdir: str | Path) -> Path:
   """Writes `<workdir>/report.md` from `<workdir>/results.json`; returns its path."""
   workdir = Path(workdir)
-  path = workdir / "results.json"
+  path = workdir / evaluate.RESULTS_FILE
   if not path.is_file():
     raise checkpoint.CheckpointError(f"no {path}; run the 'evaluate' stage first "
                                      "(--stages=evaluate) with the same --workdir")
   results = json.loads(path.read_text())
   config = checkpoint.load_config(workdir)
-  results["gate"] = config["model"]["gate"]
   splits = [s for s in config["data"]["test_splits"] if s in results["splits"]]
   methods = sorted(dict.fromkeys(m for s in splits for m in results["splits"][s]),
                    key=_method_rank)
   thresholds = results["thresholds"]
-  in_split, ood_split = (config["eval"]["ood_splits"] or [None, None])
+  in_split, ood_split = results["ood_splits"] or [None, None]
   lines = [f"# Report: {workdir.name}", "",
            f"Data `{config['data']['name']}` at {tuple(config['data']['image_size'])}, "
            f"{config['model']['backbone']} ×{config['model']['width']} experts, "
@@ -110,7 +110,8 @@ def write(workdir: str | Path) -> Path:
   lines += _table(["method"] + splits, [[m] + [_pct(results["splits"][s].get(m, {}).get("miou"))
                                                for s in splits] for m in methods])
   for split in [s for s in dict.fromkeys([in_split, ood_split, *splits[:1]]) if s]:
-    lines += ["", f"## Conditional correctness on `{split}` (%, t = {OPERATING_POINT}; "
+    used = thresholds[_nearest(thresholds, OPERATING_POINT)]
+    lines += ["", f"## Conditional correctness on `{split}` (%, t = {used:g}; "
               "PAvPU area = mean over the sweep)", ""]
     lines += _table(["method", "measure", "p(accurate\\|certain)", "p(uncertain\\|inaccurate)",
                      "PAvPU", "PAvPU area"],
@@ -132,10 +133,7 @@ def write(workdir: str | Path) -> Path:
         [method] + [f"{_pct(o[m]['auroc'])} / {_pct(o[m]['fpr_at_95_tpr'])}" if m in o else "–"
                     for m in SHORT] for method, o in sorted(results["ood"].items(),
                                                 key=lambda item: _method_rank(item[0]))])
-  lines += [""] + claims(results, ood_split)
-  out = workdir / REPORT_FILE
-  tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text("\n".join(lines) + "\n")
-  tmp.replace(out)
+  lines += [""] + claims(results, ood_split, config["model"]["gate"])
+  out = checkpoint.write_atomic(workdir / REPORT_FILE, ("\n".join(lines) + "\n").encode())
   print(f"report: {out}")
   return out

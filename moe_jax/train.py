@@ -33,9 +33,7 @@ from tqdm import tqdm
 from moe_jax import checkpoint, evaluate, input_pipeline, methods, metrics
 from moe_jax.models import build
 
-# Same value as data_pipelines.transforms.IGNORE_LABEL; not imported from there because
-# that module loads TensorFlow, which the library touches only at the input boundary.
-IGNORE_LABEL = 255
+IGNORE_LABEL = metrics.IGNORE_LABEL
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -146,10 +144,7 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
   """
   with checkpoint.StageCheckpoints(workdir, stage, save_every=eval_every, keep=keep) as ckpt:
     if ckpt.is_finished():
-      best = ckpt.read_meta(ckpt.best_step())
-      print(f"{stage}: already finished (best val mIoU {_percent(best['val_miou'])} at step "
-            f"{best['step']}); skipped. Delete {ckpt.directory} to train it again.")
-      return best
+      return _skipped(stage, ckpt.read_meta(ckpt.best_step()), ckpt.directory)
     start = 0
     if ckpt.latest_step() is not None:
       restored, meta = ckpt.restore(None, _train_state(model, optimizer))
@@ -194,6 +189,12 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
     return best
 
 
+def _skipped(stage: str, best: dict, directory: Path) -> dict:
+  print(f"{stage}: already finished (best val mIoU {_percent(best['val_miou'])} at step "
+        f"{best['step']}); skipped. Delete {directory} to train it again.")
+  return best
+
+
 def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
   return {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
 
@@ -209,7 +210,7 @@ def _percent(value: float | None) -> str:
 # ------------------------------------------------------------------------------ stages
 
 def _schedule(section: ml_collections.ConfigDict, name: str, split_sizes: Sequence[int]):
-  """(steps per epoch, total steps, eval every) for a stage; an epoch = the largest split."""
+  """(total steps, eval every) for a stage; an epoch = the largest split."""
   for key in ("batch_size", "epochs", "eval_every_epochs"):
     if not isinstance(section[key], int) or section[key] < 1:
       raise ValueError(f"config key train.{name}.{key}={section[key]!r} must be a positive "
@@ -220,7 +221,7 @@ def _schedule(section: ml_collections.ConfigDict, name: str, split_sizes: Sequen
                      f"than the training split ({max(split_sizes)} frames); lower it.")
   total = section.epochs * steps_per_epoch
   eval_every = max(1, section.eval_every_epochs * steps_per_epoch)
-  return steps_per_epoch, total, min(eval_every, total)
+  return total, min(eval_every, total)
 
 
 def _stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Module], float]:
@@ -273,13 +274,10 @@ def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
   """
   done = finished(workdir, stage)
   if done is not None:
-    print(f"{stage}: already finished (best val mIoU {_percent(done['val_miou'])} at step "
-          f"{done['step']}); skipped. Delete {checkpoint.stage_dir(workdir, stage)} to train "
-          "it again.")
-    return done
+    return _skipped(stage, done, checkpoint.stage_dir(workdir, stage))
   section, data = config.train[stage], config.data
   sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
-  _, total, eval_every = _schedule(section, stage, sizes)
+  total, eval_every = _schedule(section, stage, sizes)
   seeds = [config.seed + build.SEED_OFFSETS[stage] + k for k in range(len(train_splits))]
 
   def batches(first: int) -> Iterator[dict]:

@@ -17,7 +17,8 @@ gate-weighted MoE and clamps the negative MI that this produces, and it divides 
 batch's maximum (so one image's value depends on the others). Neither is done here.
 
 Members can be streamed: PE, MI and EV follow from running sums over members (`Moments`),
-so S members at full resolution need memory for about two members, not S. The sums are of
+so S members at full resolution need memory for about two members, not S (`scan_members`;
+MC dropout uses it). The sums are of
 differences to the first member, so identical members give EV = 0 exactly.
 """
 
