@@ -130,7 +130,7 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
   """
   confusion = stats["confusion"]
   entry = {"miou": metrics.mean_iou(confusion), "pixel_accuracy": metrics.pixel_accuracy(confusion),
-           "iou_per_class": _json(metrics.iou_per_class(confusion))}
+           "iou_per_class": metrics.iou_per_class(confusion)}
   if "sums" not in stats:
     return _json(entry)
   pixels, brier, nll = stats["sums"]

@@ -87,6 +87,7 @@ def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
   expert_probs = uncertainty.probabilities(out["expert_logits"])  # [K,B,H,W,C]
   gates = out["gate_weights"]  # [B,K] or [B,C,K]
   fused = single_output(out["logits"])
+  ensemble = members_output(expert_probs)  # the experts, uniform
   if members == "weighted":
     if gates.ndim == 2:
       weights = gates.T[:, :, None, None]
@@ -96,7 +97,7 @@ def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
           -1, 0)
     sample = members_output(expert_probs, weights)
   elif members == "uniform":
-    sample = members_output(expert_probs)
+    sample = ensemble
   elif members == "stacked":
     sample = members_output(jnp.concatenate([fused["probs"][None], expert_probs]))
   else:
@@ -110,7 +111,7 @@ def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
                      "mutual_information": sample["mutual_information"],
                      "expert_variance": sample["expert_variance"],
                      "gate_entropy": gate_entropy},
-             "ensemble": members_output(expert_probs)}
+             "ensemble": ensemble}
   for k in range(num_experts):
     outputs[f"expert_{k}"] = single_output(out["expert_logits"][k])
   return outputs
