@@ -60,7 +60,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # How the stacked experts run inside one compiled call: "vmap" (batched convolutions,
   # for accelerators) or "unroll" (one after another; 2.6x faster on a 2-core CPU).
   config.model.expert_execution = "vmap"
-  config.model.gate = "simple"              # simple | classwise
+  # One gate (and one MoE, "moe_<gate>") per entry, each trained on the same frozen experts.
+  config.model.gates = ("simple", "classwise")
   config.model.fusion_conv = False          # the paper's "+conv": 3x3 conv after fusion
   config.model.gate_hidden = 128
   config.model.deep_ensemble_members = 0    # M > 0 trains a deep ensemble of M models
@@ -81,6 +82,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.moe_members = "weighted"      # MoE sample set: weighted | uniform | stacked
   config.eval.mc_dropout_passes = (2, 10, 20)  # one mc_dropout_<T> method per T
   config.eval.ood_splits = ("all_test", "ambiguous_test")  # (in-distribution, OOD)
+  # ImageNet-C corruptions of eval.corruption_split, at every severity in eval.severities:
+  # splits named "<split>:<corruption>:<severity>" (data_pipelines.corruptions.CORRUPTIONS).
+  config.eval.corruption_split = "all_test"
+  config.eval.corruptions = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+                             "motion_blur", "gaussian_blur", "fog", "brightness", "contrast",
+                             "jpeg_compression", "pixelate")
+  config.eval.severities = (1, 2, 3, 4, 5)
+  # Frames of each part of the corruption split (0 = all); when limited, the clean frames
+  # of the same subset are evaluated too, as "<split>:clean:0".
+  config.eval.corruption_frames_per_part = 0
+  config.eval.panel_images = 3              # images per split in the uncertainty panels
 
   if preset in ("synthetic", "smoke"):
     small = preset == "smoke"
@@ -101,6 +113,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.train.log_every = 1 if small else 5
     config.eval.batch_size = 4 if small else 16
     config.eval.mc_dropout_passes = (2,) if small else (2, 10)
+    config.eval.corruptions = (("gaussian_noise", "fog") if small else
+                               ("gaussian_noise", "defocus_blur", "fog", "contrast"))
+    config.eval.severities = (1, 5) if small else (1, 2, 3, 4, 5)
+    config.eval.corruption_frames_per_part = 2 if small else 8
     config.data.data_dir = "{workdir}/data/a2d2_synthetic"
     config.data.split_dir = "{workdir}/data/a2d2_synthetic/splits"
     config.data.tfds_dir = "{workdir}/data/tfds"

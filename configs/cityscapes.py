@@ -44,4 +44,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.num_classes = 19
   config.data.test_splits = ("validation",)
   config.eval.ood_splits = ()               # Cityscapes has no out-of-distribution split
+  config.eval.corruption_split = "validation"
   return config

@@ -21,12 +21,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
+from data_pipelines import corruptions
 from moe_jax import checkpoint, input_pipeline, methods, metrics
 from moe_jax.models import build
 
 RESULTS_FILE = "results.json"
 HISTOGRAMS_FILE = "histograms.npz"
+PANELS_FILE = "panels.npz"
 
 
 def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: int,
@@ -35,6 +38,8 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
   if not uncertainty:
     return stats
   valid = (labels >= 0) & (labels < num_classes)  # as the confusion matrix counts them
+  if "gate_weights" in output:
+    stats.update(_gate_statistics(output["gate_weights"], valid))
   correct = output["prediction"] == labels
   probs = output["probs"]
   for measure in methods.MEASURES:
@@ -56,19 +61,56 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
   return stats
 
 
-@nnx.jit(static_argnums=(0, 4, 5))
+GATE_BINS = 20
+
+
+def _gate_statistics(gates: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """How the gate weighs the experts: per unit (an image for the simple gate, a pixel for
+  the classwise one), a 20-bin histogram of the weight on each expert and the weights' sum.
+
+  Args:
+    gates: [B,K] or [B,H,W,K] weights.
+    valid: bool [B,H,W] labelled pixels; an image counts if any of its pixels does.
+
+  Returns:
+    {"gate_histogram": int32 [K, 20] (bins [j/20, (j+1)/20), the last closed),
+     "gate_sum": float32 [K]}.
+  """
+  num = gates.shape[-1]
+  unit_valid = (jnp.any(valid, axis=(1, 2)) if gates.ndim == 2 else valid).reshape(-1)
+  weights = gates.reshape(-1, num).astype(jnp.float32)
+  bins = jnp.clip(jnp.floor(weights * GATE_BINS).astype(jnp.int32), 0, GATE_BINS - 1)
+  index = jnp.where(unit_valid[:, None], jnp.arange(num) * GATE_BINS + bins, num * GATE_BINS)
+  counts = jnp.bincount(index.reshape(-1), length=num * GATE_BINS + 1)[:-1]
+  return {"gate_histogram": counts.reshape(num, GATE_BINS).astype(jnp.int32),
+          "gate_sum": jnp.sum(jnp.where(unit_valid[:, None], weights, 0.0), axis=0)}
+
+
+PANEL_MAPS = ("prediction",) + methods.MEASURES
+
+
+@nnx.jit(static_argnums=(0, 4, 5, 6))
 def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.Array],
-                     key: jax.Array, num_classes: int, uncertainty: bool
-                     ) -> dict[str, dict[str, jax.Array]]:
-  """{method: {statistic: array}} of one batch (see the module docstring)."""
+                     key: jax.Array, num_classes: int, uncertainty: bool, panel_images: int = 0
+                     ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, dict[str, jax.Array]]]:
+  """({method: {statistic: array}}, panels) of one batch (see the module docstring).
+
+  panels: {method: {map: [panel_images, H, W]}} for the prediction and the uncertainty
+  maps of each MoE method (those with gate weights), from the batch's first images.
+  """
   images = batch["image"].astype(jnp.float32) / 255.0
   labels = batch["label"].astype(jnp.int32)
-  return {method: _method_statistics(output, labels, num_classes, uncertainty)
-          for method, output in outputs(model, images, key).items()}
+  out = outputs(model, images, key)
+  stats = {method: _method_statistics(output, labels, num_classes, uncertainty)
+           for method, output in out.items()}
+  panels = {method: {name: output[name][:panel_images] for name in PANEL_MAPS if name in output}
+            for method, output in out.items() if panel_images and "gate_weights" in output}
+  return stats, panels
 
 
 def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], num_classes: int,
-               *, uncertainty: bool = False, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+               *, uncertainty: bool = False, seed: int = 0, panel_images: int = 0,
+               panels: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
   """Sums `batch_statistics` over `batches` (model in eval mode).
 
   Args:
@@ -77,8 +119,12 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
     model: the module it takes.
     batches: {"image": uint8 [B,H,W,3], "label": [B,H,W]} with a fixed B.
     num_classes: C.
-    uncertainty: also accumulate the uncertainty and calibration statistics.
+    uncertainty: also accumulate the uncertainty, calibration and gate statistics.
     seed: MC-dropout key of batch i is fold_in(key(seed), i).
+    panel_images: N, the number of images whose maps the compiled call returns (static;
+      keep it the same across calls of one output function).
+    panels: if given, filled with the first batch's images, labels and MoE maps:
+      {"image": uint8 [N,H,W,3], "label": [N,H,W], "maps": {method: {map: [N,H,W]}}}.
 
   Returns:
     {method: {statistic: int64 or float64 array}}.
@@ -89,8 +135,11 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
   for i, batch in enumerate(batches):
     # Dispatch this batch before fetching the last result, so the host's transfer
     # overlaps the device's work.
-    result = batch_statistics(outputs, model, batch, jax.random.fold_in(base, i),
-                              num_classes, uncertainty)
+    result, maps = batch_statistics(outputs, model, batch, jax.random.fold_in(base, i),
+                                    num_classes, uncertainty, panel_images)
+    if i == 0 and panels is not None:
+      panels.update(image=batch["image"][:panel_images], label=batch["label"][:panel_images],
+                    maps=jax.device_get(maps))
     if pending is not None:
       _add(totals, pending)
     pending = result
@@ -182,14 +231,22 @@ def _json(value):
   return value
 
 
-def _write_histograms(path: Path, totals: dict) -> None:
-  """Every accumulated statistic as "<split>/<method>/<name>" arrays in one .npz, atomically
-  (plain arrays: np.load(path) needs no pickle)."""
+def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+  """Named arrays in one .npz, atomically (plain arrays: np.load(path) needs no pickle)."""
   buffer = io.BytesIO()
-  np.savez(buffer, **{f"{split}/{method}/{name}": value
-                      for (split, method), stats in totals.items()
-                      for name, value in stats.items()})
+  np.savez(buffer, **arrays)
   checkpoint.write_atomic(path, buffer.getvalue())
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+  """{"a": {"b": x}} -> {"a/b": x}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      flat[f"{prefix}{key}"] = np.asarray(value)
+  return flat
 
 
 def write_results(workdir: str | Path, results: dict) -> Path:
@@ -197,9 +254,9 @@ def write_results(workdir: str | Path, results: dict) -> Path:
   return checkpoint.write_json(Path(workdir) / RESULTS_FILE, results)
 
 
-def print_table(results: dict) -> None:
+def print_table(results: dict, splits: Iterable[str]) -> None:
   """mIoU (%) per method (rows) and split (columns)."""
-  splits = list(results["splits"])
+  splits = list(splits)
   names = list(dict.fromkeys(m for s in splits for m in results["splits"][s]))
   width = max(len(m) for m in names) + 2
   print("mIoU (%)".ljust(width) + "".join(f"{s:>16}" for s in splits))
@@ -209,40 +266,111 @@ def print_table(results: dict) -> None:
         f"{'n/a':>16}" if v is None else f"{100 * v:>16.1f}" for v in row))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Stage "evaluate": every method on every test split -> `<workdir>/results.json`.
+def print_corruption_table(results: dict) -> None:
+  """mIoU (%) per method under corruption: severity 0 (clean) to 5, mean over corruptions."""
+  info = results["corruptions"]
+  splits = results["splits"]
+  names = list(splits[info["clean"]])
+  width = max(len(m) for m in names) + 2
+  print(f"mIoU (%) on {info['split']} under corruption, mean over {len(info['names'])}")
+  print("severity".ljust(width) + "".join(f"{s:>8}" for s in [0, *info["severities"]]))
+  for method in names:
+    row = [splits[info["clean"]][method]["miou"]] + [
+        mean_or_none([splits[f"{info['split']}:{n}:{s}"][method]["miou"] for n in info["names"]])
+        for s in info["severities"]]
+    print(method.ljust(width) + "".join(
+        f"{'n/a':>8}" if v is None else f"{100 * v:>8.1f}" for v in row))
 
-  Methods: `expert_<name>` for each expert, `ensemble` (the experts, uniform), `moe`
-  (from the gate stage's best checkpoint, which holds the frozen experts too), `baseline`,
-  `mc_dropout_<T>` for each T in eval.mc_dropout_passes and, when trained, `deep_ensemble`.
-  The histograms behind every number go to `<workdir>/histograms.npz` (plain arrays).
 
-  Returns:
-    {"splits": {split: {method: summary}}, "ood": {method: {measure: ...}},
-     "thresholds": [T], "checkpoints": {stage: meta}, "class_names": [...]}.
-  """
-  start = time.perf_counter()
-  ood_splits = list(config.eval.ood_splits)
-  if ood_splits and (len(ood_splits) != 2 or not set(ood_splits) <= set(config.data.test_splits)):
-    raise ValueError(f"config key eval.ood_splits={tuple(ood_splits)} must be two of "
-                     f"data.test_splits={tuple(config.data.test_splits)} (ID, OOD), or ().")
+def mean_or_none(values: list) -> float | None:
+  """Mean of JSON values; None if any is None (nan)."""
+  return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def corrupted_splits(config: ml_collections.ConfigDict) -> dict[str, tuple[str, int] | None]:
+  """{split name: (corruption, severity) or None for the clean subset} of the config's
+  corruption evaluation, validated ({} when eval.corruptions is empty)."""
+  names, severities = tuple(config.eval.corruptions), tuple(config.eval.severities)
+  if not names:
+    return {}
+  base = config.eval.corruption_split
+  unknown = [n for n in names if n not in corruptions.CORRUPTIONS]
+  if unknown:
+    raise ValueError(f"config key eval.corruptions names unknown corruptions {unknown}; "
+                     f"use any of {', '.join(corruptions.CORRUPTIONS)}.")
+  if not severities or not set(severities) <= {1, 2, 3, 4, 5}:
+    raise ValueError(f"config key eval.severities={severities!r} must be values in 1..5.")
+  if base not in config.data.test_splits:
+    raise ValueError(f"config key eval.corruption_split={base!r} must be one of "
+                     f"data.test_splits={tuple(config.data.test_splits)}.")
+  splits = {f"{base}:clean:0": None} if config.eval.corruption_frames_per_part else {}
+  splits.update({f"{base}:{name}:{severity}": (name, severity)
+                 for name in names for severity in severities})
+  return splits
+
+
+def _runs(config: ml_collections.ConfigDict) -> list[tuple]:
+  """(checkpoint stage, model factory, output function, {output key: method name}) per
+  compiled evaluation: one per gate type (the first also gives the experts and their
+  ensemble), the baseline, MC dropout per T, the deep ensemble."""
   names = input_pipeline.expert_names(config.data)
-  # (stage, model factory, output function, {output key: method name})
-  runs = [("gate", lambda: build.mixture(config, build.experts(config, len(names))),
-           methods.mixture_with(config.eval.moe_members),
-           {"moe": "moe", "ensemble": "ensemble",
-            **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(names)}}),
-          ("baseline", lambda: build.baseline(config), methods.single, {"model": "baseline"})]
+  runs = []
+  for i, gate in enumerate(build.gate_types(config)):
+    rename = {"moe": f"moe_{gate}"}
+    if i == 0:
+      rename.update({"ensemble": "ensemble",
+                     **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(names)}})
+    runs.append((build.gate_stage(gate),
+                 lambda gate=gate: build.mixture(config, build.experts(config, len(names)), gate),
+                 methods.mixture_with(config.eval.moe_members, experts=i == 0), rename))
+  runs.append(("baseline", lambda: build.baseline(config), methods.single,
+               {"model": "baseline"}))
   for passes in config.eval.mc_dropout_passes:
     runs.append(("baseline", lambda: build.baseline(config), methods.mc_dropout_with(passes),
                  {f"mc_dropout_{passes}": f"mc_dropout_{passes}"}))
   if config.model.deep_ensemble_members:
     runs.append(("deep_ensemble", lambda: build.deep_ensemble(config), methods.deep_ensemble,
                  {"deep_ensemble": "deep_ensemble"}))
+  return runs
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Stage "evaluate": every method on every test split -> `<workdir>/results.json`.
+
+  Methods: `expert_<name>` for each expert, `ensemble` (the experts, uniform),
+  `moe_<gate>` per gate type (from that gate's best checkpoint, which holds the frozen
+  experts too), `baseline`, `mc_dropout_<T>` for each T in eval.mc_dropout_passes and,
+  when trained, `deep_ensemble`. Splits: data.test_splits, then eval.corruption_split
+  under each corruption and severity ("<split>:<corruption>:<severity>").
+  The histograms behind every number go to `<workdir>/histograms.npz`, the first
+  eval.panel_images images of each test split with the MoE maps to `<workdir>/panels.npz`
+  (plain arrays).
+
+  Returns:
+    {"splits": {split: {method: summary}}, "ood": {method: {measure: ...}},
+     "thresholds": [T], "checkpoints": {stage: meta}, "class_names": [...],
+     "experts": [...], "gates": [...], "moe_members", "ood_splits", "corruptions"}.
+  """
+  start = time.perf_counter()
+  ood_splits = list(config.eval.ood_splits)
+  if ood_splits and (len(ood_splits) != 2 or not set(ood_splits) <= set(config.data.test_splits)):
+    raise ValueError(f"config key eval.ood_splits={tuple(ood_splits)} must be two of "
+                     f"data.test_splits={tuple(config.data.test_splits)} (ID, OOD), or ().")
+  corrupted = corrupted_splits(config)
+  runs = _runs(config)
   thresholds = metrics.REFERENCE_THRESHOLDS
+  clean = (f"{config.eval.corruption_split}:clean:0" if config.eval.corruption_frames_per_part
+           else config.eval.corruption_split)
   results = {"splits": {}, "ood": {}, "thresholds": _json(thresholds), "checkpoints": {},
              "class_names": list(input_pipeline.class_names(config.data)),
-             "moe_members": config.eval.moe_members, "ood_splits": ood_splits}
+             "experts": input_pipeline.expert_names(config.data),
+             "gates": list(build.gate_types(config)),
+             "moe_members": config.eval.moe_members, "ood_splits": ood_splits,
+             "corruptions": {"split": config.eval.corruption_split,
+                             "names": list(config.eval.corruptions) if corrupted else [],
+                             "severities": list(config.eval.severities) if corrupted else [],
+                             "frames_per_part": config.eval.corruption_frames_per_part,
+                             "clean": clean}}
   models = {}
   for stage, make, _, _ in runs:
     if stage not in models:
@@ -252,18 +380,31 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   # Each disjoint part is evaluated once; a union split (all_test) sums its parts.
   parts = {split: input_pipeline.split_parts(config.data, split)
            for split in config.data.test_splits}
-  part_totals = {}
-  for part in dict.fromkeys(p for split in config.data.test_splits for p in parts[split]):
-    for stage, _, outputs, rename in runs:
-      batches = input_pipeline.eval_batches(config.data, part,
-                                            batch_size=config.eval.batch_size)
-      for key, stats in accumulate(outputs, models[stage], batches, config.data.num_classes,
-                                   uncertainty=True, seed=config.seed).items():
-        part_totals[(part, rename[key])] = stats
+  reads = {part: {} for split in config.data.test_splits for part in parts[split]}
+  reads.update({split: dict(frames_per_part=config.eval.corruption_frames_per_part,
+                            corruption=corruption) for split, corruption in corrupted.items()})
+  part_totals, panels = {}, {}
+  panel_images = config.eval.panel_images
+  with tqdm(total=len(reads) * len(runs), desc="evaluate", unit="run", mininterval=1.0,
+            dynamic_ncols=True) as bar:
+    for read, options in reads.items():
+      for stage, _, outputs, rename in runs:
+        batches = input_pipeline.eval_batches(config.data, read.split(":")[0],
+                                              batch_size=config.eval.batch_size, **options)
+        panel = {} if panel_images and read not in corrupted else None
+        for key, stats in accumulate(outputs, models[stage], batches, config.data.num_classes,
+                                     uncertainty=True, seed=config.seed,
+                                     panel_images=panel_images, panels=panel).items():
+          part_totals[(read, rename[key])] = stats
+        if panel:
+          panels.setdefault(read, {"image": panel["image"], "label": panel["label"]}).update(
+              {rename[key]: maps for key, maps in panel["maps"].items()})
+        bar.update()
   totals = {}
-  for split in config.data.test_splits:
-    for method in dict.fromkeys(m for (p, m) in part_totals if p == parts[split][0]):
-      totals[(split, method)] = merge([part_totals[(p, method)] for p in parts[split]])
+  for split in [*config.data.test_splits, *corrupted]:
+    members = parts.get(split, [split])
+    for method in dict.fromkeys(m for (p, m) in part_totals if p == members[0]):
+      totals[(split, method)] = merge([part_totals[(p, method)] for p in members])
       results["splits"].setdefault(split, {})[method] = summary(totals[(split, method)],
                                                                  thresholds)
   if ood_splits:
@@ -271,9 +412,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     for (split, method), stats in totals.items():
       if split == out_split and (in_split, method) in totals:
         results["ood"][method] = ood_detection(totals[(in_split, method)], stats)
-  _write_histograms(Path(workdir) / HISTOGRAMS_FILE, totals)
+  _write_arrays(Path(workdir) / HISTOGRAMS_FILE,
+                {f"{split}/{method}/{name}": value for (split, method), stats in totals.items()
+                 for name, value in stats.items()})
+  _write_arrays(Path(workdir) / PANELS_FILE, _flatten(panels))
   path = write_results(workdir, results)
-  print(f"evaluate: {len(config.data.test_splits)} splits in "
+  print(f"evaluate: {len(config.data.test_splits)} splits + {len(corrupted)} corrupted in "
         f"{time.perf_counter() - start:.0f} s -> {path}")
-  print_table(results)
+  print_table(results, config.data.test_splits)
+  if corrupted:
+    print_corruption_table(results)
   return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -9,7 +10,7 @@ from typing import Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from data_pipelines import DataError, a2d2, cityscapes, synthetic
+from data_pipelines import DataError, a2d2, cityscapes, corruptions, synthetic
 from data_pipelines.transforms import IGNORE_LABEL
 
 
@@ -130,21 +131,46 @@ def train_batches(data: ml_collections.ConfigDict, splits: Sequence[str], *, bat
     yield {key: np.stack([b[key] for b in batches]) for key in ("image", "label")}
 
 
-def eval_batches(data: ml_collections.ConfigDict, split: str, *,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(data: ml_collections.ConfigDict, split: str, *, batch_size: int,
+                 frames_per_part: int = 0, corruption: tuple[str, int] | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over `split` in batches of exactly `batch_size` (one compiled shape).
 
   The last batch is padded with black images labelled 255 (ignored by every metric).
 
+  Args:
+    data: the config's data section.
+    split: a split name; a union split (all_test) is read part by part.
+    batch_size: B.
+    frames_per_part: read only the first n frames of each part (0 = all).
+    corruption: (name, severity): every frame goes through
+      `data_pipelines.corruptions.corrupt` at the model's input size, frame i of the pass
+      seeded with i (deterministic).
+
   Yields:
     {"image": uint8 [B, H, W, 3], "label": uint8 [B, H, W]}.
   """
-  for batch in dataset(data, split, batch_size=batch_size, train=False,
-                       seed=0).as_numpy_iterator():
-    pad = batch_size - len(batch["image"])
-    yield {"image": np.pad(batch["image"], [(0, pad), (0, 0), (0, 0), (0, 0)]),
-           "label": np.pad(batch["label"], [(0, pad), (0, 0), (0, 0)],
-                           constant_values=IGNORE_LABEL)}
+  frames = _frames(data, split, frames_per_part, batch_size)
+  if corruption is not None:
+    name, severity = corruption
+    frames = ((corruptions.corrupt(image, name, severity, seed=i), label)
+              for i, (image, label) in enumerate(frames))
+  while chunk := list(itertools.islice(frames, batch_size)):
+    images, labels = (np.stack(column) for column in zip(*chunk))
+    pad = batch_size - len(chunk)
+    yield {"image": np.pad(images, [(0, pad), (0, 0), (0, 0), (0, 0)]),
+           "label": np.pad(labels, [(0, pad), (0, 0), (0, 0)], constant_values=IGNORE_LABEL)}
+
+
+def _frames(data: ml_collections.ConfigDict, split: str, frames_per_part: int,
+            read_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(image uint8 [H,W,3], label uint8 [H,W]) of each part of `split` in order, at most
+  `frames_per_part` of each (0 = all)."""
+  for part in split_parts(data, split):
+    batches = dataset(data, part, batch_size=read_size, train=False, seed=0).as_numpy_iterator()
+    frames = ((image, label) for batch in batches
+              for image, label in zip(batch["image"], batch["label"]))
+    yield from itertools.islice(frames, frames_per_part or None)
 
 
 def workdir_path(workdir: str | os.PathLike) -> Path:

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from data_pipelines import DataError
 from moe_jax import checkpoint, evaluate, input_pipeline, report, train
+from moe_jax.models import build
 
 STAGES = ("data", "experts", "baseline", "deep_ensemble", "gate", "evaluate", "report")
 
@@ -78,6 +79,8 @@ def main(argv) -> None:
     workdir = input_pipeline.workdir_path(_WORKDIR.value)
     with config.unlocked():
       input_pipeline.resolve_paths(config.data, workdir)
+    build.gate_types(config)  # checked before hours of training, not after
+    evaluate.corrupted_splits(config)
     resolved = json.loads(config.to_json_best_effort())
     checkpoint.check_same_run(workdir, resolved)
     checkpoint.save_config(workdir, resolved)

@@ -9,7 +9,9 @@ is ignored by the deterministic methods.
 Output = {"prediction": int [B,H,W], "probs": float32 [B,H,W,C] (the method's predictive
 distribution, for max-softmax calibration, Brier and NLL), and normalised maps in [0, 1]
 for the measures it has: "predictive_entropy", "mutual_information", "expert_variance",
-"gate_entropy"}. A single deterministic model has only predictive entropy.
+"gate_entropy"}. A single deterministic model has only predictive entropy. The MoE's
+Output also has "gate_weights": float32 [B,K] (simple gate, per image) or [B,H,W,K]
+(classwise: each pixel's predicted class's gate).
 """
 
 from __future__ import annotations
@@ -75,12 +77,13 @@ def deep_ensemble(members: nnx.Module, images: jax.Array, key: jax.Array) -> dic
 
 
 def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
-            members: str = "weighted") -> dict[str, Output]:
+            members: str = "weighted", experts: bool = True) -> dict[str, Output]:
   """The MoE and what its forward also gives: {"moe", "ensemble", "expert_0", ...}.
 
   "moe" predicts argmax of the fused logits (its probs are their softmax); its PE, MI and
   EV come from the `members` sample set (see MOE_MEMBERS) and GE from the gate (simple:
-  per image; classwise: the predicted class's gate).
+  per image; classwise: the predicted class's gate). experts=False leaves out "ensemble"
+  and "expert_<k>" (another MoE around the same experts already gave them).
   """
   del key
   out = moe(images)
@@ -88,13 +91,13 @@ def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
   gates = out["gate_weights"]  # [B,K] or [B,C,K]
   fused = single_output(out["logits"])
   ensemble = members_output(expert_probs)  # the experts, uniform
+  if gates.ndim == 2:
+    unit_gates = gates  # [B,K]
+  else:  # classwise: each class has its own weights; use those of the fused prediction
+    unit_gates = jnp.take_along_axis(gates[:, None, None, :, :],
+                                     fused["prediction"][..., None, None], axis=3)[..., 0, :]
   if members == "weighted":
-    if gates.ndim == 2:
-      weights = gates.T[:, :, None, None]
-    else:  # classwise: each class has its own weights; use those of the fused prediction
-      weights = jnp.moveaxis(jnp.take_along_axis(
-          gates[:, None, None, :, :], fused["prediction"][..., None, None], axis=3)[..., 0, :],
-          -1, 0)
+    weights = (gates.T[:, :, None, None] if gates.ndim == 2 else jnp.moveaxis(unit_gates, -1, 0))
     sample = members_output(expert_probs, weights)
   elif members == "uniform":
     sample = ensemble
@@ -110,16 +113,20 @@ def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
   outputs = {"moe": {**fused, "predictive_entropy": sample["predictive_entropy"],
                      "mutual_information": sample["mutual_information"],
                      "expert_variance": sample["expert_variance"],
-                     "gate_entropy": gate_entropy},
-             "ensemble": ensemble}
+                     "gate_entropy": gate_entropy, "gate_weights": unit_gates}}
+  if not experts:
+    return outputs
+  outputs["ensemble"] = ensemble
   for k in range(num_experts):
     outputs[f"expert_{k}"] = single_output(out["expert_logits"][k])
   return outputs
 
 
-def mixture_with(members: str):
-  """`mixture` with a fixed sample set, as one reusable (hashable) output function."""
-  return functools.partial(mixture, members=members)
+@functools.cache
+def mixture_with(members: str, experts: bool = True):
+  """`mixture` with fixed options, as one reusable (hashable) output function: the same
+  object for the same options, so jit compiles it once."""
+  return functools.partial(mixture, members=members, experts=experts)
 
 
 def mc_dropout_probs(model: nnx.Module, images: jax.Array, key: jax.Array,
@@ -168,6 +175,7 @@ def mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
   return {f"mc_dropout_{passes}": moments_output(uncertainty.scan_members(member, passes))}
 
 
+@functools.cache
 def mc_dropout_with(passes: int):
   """`mc_dropout` with a fixed T, as one reusable (hashable) output function."""
   return functools.partial(mc_dropout, passes=passes)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_jax import checkpoint, evaluate
+from moe_jax import checkpoint, evaluate, plots
+from moe_jax.plots import SHORT, method_rank
 
 REPORT_FILE = "report.md"
-SHORT = {"predictive_entropy": "PE", "mutual_information": "MI", "expert_variance": "EV",
-         "gate_entropy": "GE"}
 OPERATING_POINT = 0.5
 
 
@@ -36,18 +35,10 @@ def _area(curve: list):
   return float(np.mean(values)) if len(values) == len(curve) else None
 
 
-def _method_rank(method: str) -> tuple:
-  """Experts, ensemble, MoE, deep ensemble, baseline, MC dropout by T."""
-  order = ["expert", "ensemble", "moe", "deep_ensemble", "baseline", "mc_dropout"]
-  family = next(i for i, f in enumerate(order) if method == f or method.startswith(f + "_"))
-  number = int(method.rsplit("_", 1)[1]) if method.startswith("mc_dropout_") else 0
-  return family, number, method
-
-
 def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[list[str]]:
   at = _nearest(thresholds, OPERATING_POINT)
   rows = []
-  for method in sorted(split_results, key=_method_rank):
+  for method in sorted(split_results, key=method_rank):
     entry = split_results[method]
     for measure in SHORT:
       if measure not in entry.get("uncertainty", {}):
@@ -60,34 +51,75 @@ def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[
   return rows
 
 
-def claims(results: dict, ood_split: str | None, gate: str) -> list[str]:
+def _moe_methods(results: dict) -> list[str]:
+  return [f"moe_{gate}" for gate in results["gates"]]
+
+
+def claims(results: dict, in_split: str | None, ood_split: str | None) -> list[str]:
   """The paper's three claims, measured here (whichever way they go)."""
   lines = ["## The paper's claims, measured on this run's data", ""]
   split = results["splits"].get(ood_split or "", {})
-  if "moe" in split and "ensemble" in split:
+  if "ensemble" in split:
     verdicts = []
-    for measure in ("predictive_entropy", "mutual_information", "expert_variance"):
-      moe = _area(split["moe"]["uncertainty"][measure]["pavpu"])
-      ens = _area(split["ensemble"]["uncertainty"][measure]["pavpu"])
-      if moe is not None and ens is not None:
-        better = "higher" if moe > ens else "lower" if moe < ens else "equal"
-        verdicts.append(f"{SHORT[measure]}: MoE {_pct(moe)} vs ensemble {_pct(ens)} "
-                        f"(MoE {better})")
+    for moe in _moe_methods(results):
+      for measure in ("predictive_entropy", "mutual_information", "expert_variance"):
+        ours = _area(split[moe]["uncertainty"][measure]["pavpu"])
+        ens = _area(split["ensemble"]["uncertainty"][measure]["pavpu"])
+        if ours is not None and ens is not None:
+          better = "higher" if ours > ens else "lower" if ours < ens else "equal"
+          verdicts.append(f"`{moe}` {SHORT[measure]} {_pct(ours)} vs ensemble {_pct(ens)} "
+                          f"({better})")
     lines += [f"1. **MoE vs ensemble under OOD** (`{ood_split}`, PAvPU averaged over the "
               f"threshold sweep, %): " + "; ".join(verdicts) + "."]
   else:
     lines += ["1. **MoE vs ensemble under OOD**: not measured (no OOD split in this run)."]
-  lines += ["2. **Simple vs classwise gate-entropy calibration**: not measured in this run "
-            f"(it trained the {gate} gate only; train "
-            "the other with `--config.model.gate=classwise` in another workdir and compare "
-            "their `gate_entropy` ECE)."]
+  if {"simple", "classwise"} <= set(results["gates"]):
+    verdicts = []
+    for name in dict.fromkeys(s for s in (in_split, ood_split) if s):
+      ece = {gate: results["splits"][name][f"moe_{gate}"]["uncertainty"]["gate_entropy"]["ece"]
+             for gate in ("simple", "classwise")}
+      better = min(ece, key=lambda g: np.inf if ece[g] is None else ece[g])
+      verdicts.append(f"`{name}`: simple {_pct(ece['simple'])} vs classwise "
+                      f"{_pct(ece['classwise'])} ({better} better calibrated)")
+    lines += ["2. **Simple vs classwise gate-entropy calibration** (ECE % of confidence "
+              "1 − GE, lower is better): " + "; ".join(verdicts) + "."]
+  else:
+    lines += ["2. **Simple vs classwise gate-entropy calibration**: not measured in this run "
+              f"(it trained the {', '.join(results['gates'])} gate only; set "
+              "`--config.model.gates='(\"simple\",\"classwise\")'`)."]
   lines += ["3. **Calibration vs number of experts** (Cityscapes): not measured here; run "
             "`configs/cityscapes.py:<K>` for several K and compare the MoE's ECE.", ""]
   return lines
 
 
+def corruption_lines(results: dict) -> list[str]:
+  """mIoU / max-softmax ECE (%) per method and severity, mean over the corruptions."""
+  info = results.get("corruptions") or {}
+  if not info.get("names"):
+    return []
+  splits = results["splits"]
+  subset = (f"the first {info['frames_per_part']} frames of each part of"
+            if info["frames_per_part"] else "all of")
+  lines = ["", f"## Under corruption: {subset} `{info['split']}` (mIoU % / max-softmax ECE %, "
+           f"mean over {len(info['names'])} corruptions: {', '.join(info['names'])})", ""]
+  rows = []
+  for method in sorted(splits[info["clean"]], key=method_rank):
+    cells = []
+    for severity in [0, *info["severities"]]:
+      names = [info["clean"]] if severity == 0 else [
+          f"{info['split']}:{name}:{severity}" for name in info["names"]]
+      entries = [splits[name][method] for name in names]
+      miou = evaluate.mean_or_none([e["miou"] for e in entries])
+      ece = evaluate.mean_or_none([e["calibration"]["max_softmax"]["ece"] for e in entries])
+      cells.append(f"{_pct(miou)} / {_pct(ece)}")
+    rows.append([method] + cells)
+  return lines + _table(["method", "clean"] + [f"severity {s}" for s in info["severities"]],
+                        rows)
+
+
 def write(workdir: str | Path) -> Path:
-  """Writes `<workdir>/report.md` from `<workdir>/results.json`; returns its path."""
+  """Writes `<workdir>/report.md` from `<workdir>/results.json`, and the figures it shows
+  into `<workdir>/plots/`; returns the report's path."""
   workdir = Path(workdir)
   path = workdir / evaluate.RESULTS_FILE
   if not path.is_file():
@@ -97,13 +129,13 @@ def write(workdir: str | Path) -> Path:
   config = checkpoint.load_config(workdir)
   splits = [s for s in config["data"]["test_splits"] if s in results["splits"]]
   methods = sorted(dict.fromkeys(m for s in splits for m in results["splits"][s]),
-                   key=_method_rank)
+                   key=method_rank)
   thresholds = results["thresholds"]
   in_split, ood_split = results["ood_splits"] or [None, None]
   lines = [f"# Report: {workdir.name}", "",
            f"Data `{config['data']['name']}` at {tuple(config['data']['image_size'])}, "
            f"{config['model']['backbone']} ×{config['model']['width']} experts, "
-           f"{config['model']['gate']} gate, MoE uncertainty from the "
+           f"{' and '.join(results['gates'])} gates, MoE uncertainty from the "
            f"`{results['moe_members']}` sample set. Pixels pooled over each split; "
            "uncertainty normalised to [0, 1]; certain ⇔ u < t.", "",
            "## mIoU (%)", ""]
@@ -119,7 +151,7 @@ def write(workdir: str | Path) -> Path:
     lines += ["", f"## Calibration on `{split}` (ECE %, 15 bins; confidence = 1 − u, or "
               "the max softmax)", ""]
     rows = []
-    for method in sorted(results["splits"][split], key=_method_rank):
+    for method in sorted(results["splits"][split], key=method_rank):
       entry = results["splits"][split][method]
       if "calibration" in entry:
         rows.append([method, _pct(entry["calibration"]["max_softmax"]["ece"])] +
@@ -132,8 +164,13 @@ def write(workdir: str | Path) -> Path:
     lines += _table(["method"] + [f"{SHORT[m]} AUROC / FPR95" for m in SHORT], [
         [method] + [f"{_pct(o[m]['auroc'])} / {_pct(o[m]['fpr_at_95_tpr'])}" if m in o else "–"
                     for m in SHORT] for method, o in sorted(results["ood"].items(),
-                                                key=lambda item: _method_rank(item[0]))])
-  lines += [""] + claims(results, ood_split, config["model"]["gate"])
+                                                key=lambda item: method_rank(item[0]))])
+  lines += corruption_lines(results)
+  lines += [""] + claims(results, in_split, ood_split)
+  figures = plots.write_all(workdir)
+  if figures:
+    lines += ["## Figures", "", *(f"![{path.stem}]({path.relative_to(workdir)})\n"
+                                  for path in figures)]
   out = checkpoint.write_atomic(workdir / REPORT_FILE, ("\n".join(lines) + "\n").encode())
   print(f"report: {out}")
   return out

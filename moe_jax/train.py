@@ -16,6 +16,7 @@ skips itself when already finished and resumes from its last checkpoint otherwis
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -119,7 +120,8 @@ def train_step(loss_fn: Callable, model: nnx.Module, optimizer: nnx.Optimizer,
 def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Callable,
         batches: Callable[[int], Iterator[dict]], total_steps: int, eval_every: int,
         validate: Callable[[nnx.Module], float], workdir: str | Path, keep: int,
-        log_every: int, images_per_step: int, train_mode: bool = True) -> dict:
+        log_every: int, images_per_step: int, train_mode: bool = True,
+        section: str | None = None) -> dict:
   """Trains `model` for `total_steps`, validating and checkpointing every `eval_every`.
 
   A finished stage is skipped; an interrupted one resumes from its latest checkpoint
@@ -138,6 +140,8 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
     images_per_step: for the images/s readout.
     train_mode: False keeps the whole model in eval mode (the gate stage: the frozen
       experts' BatchNorm must not drift and their dropout stays off).
+    section: the stage's config section `train.<section>` (default: `stage`), named in
+      error messages.
 
   Returns:
     The meta dict of the best checkpoint ({"step", "val_miou", "finished"}).
@@ -171,7 +175,7 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
             raise FloatingPointError(
                 f"{stage}: loss is {loss} at step {step}; the last good checkpoint is kept "
                 f"in {ckpt.directory}. Lower the learning rate (config key "
-                f"train.{stage}.optimizer.learning_rate) and rerun to resume from it.")
+                f"train.{section or stage}.optimizer.learning_rate) and rerun to resume from it.")
           bar.set_postfix(step=step, loss=f"{loss:.4f}")
           writer.write_scalars(step, {"loss": loss})
         if evaluating:
@@ -265,8 +269,9 @@ def finished(workdir: str | Path, stage: str) -> dict | None:
 
 def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
            loss_fn: Callable, train_splits: list[str], validate: Callable[[nnx.Module], float],
-           stacked: bool, wrt=nnx.Param, train_mode: bool = True) -> dict:
-  """Runs `fit` for a stage from its config section `train.<stage>`.
+           stacked: bool, wrt=nnx.Param, train_mode: bool = True,
+           section: str | None = None) -> dict:
+  """Runs `fit` for a stage from its config section `train.<section>` (default `stage`).
 
   A finished stage is reported and skipped before anything is built or read.
   `stacked`: member k of a stacked model takes a batch of `train_splits[k]`, all stacked to
@@ -275,10 +280,11 @@ def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
   done = finished(workdir, stage)
   if done is not None:
     return _skipped(stage, done, checkpoint.stage_dir(workdir, stage))
-  section, data = config.train[stage], config.data
+  name = section or stage
+  section, data = config.train[name], config.data
   sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
-  total, eval_every = _schedule(section, stage, sizes)
-  seeds = [config.seed + build.SEED_OFFSETS[stage] + k for k in range(len(train_splits))]
+  total, eval_every = _schedule(section, name, sizes)
+  seeds = [config.seed + build.SEED_OFFSETS[name] + k for k in range(len(train_splits))]
 
   def batches(first: int) -> Iterator[dict]:
     stream = input_pipeline.train_batches(data, train_splits, batch_size=section.batch_size,
@@ -287,11 +293,12 @@ def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
 
   model = make_model()
   optimizer = nnx.Optimizer(
-      model, make_optimizer(section.optimizer, total, key=f"train.{stage}.optimizer"), wrt=wrt)
+      model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer"), wrt=wrt)
   return fit(stage, model=model, optimizer=optimizer, loss_fn=loss_fn, batches=batches,
              total_steps=total, eval_every=eval_every, validate=validate, workdir=workdir,
              keep=config.train.keep_checkpoints, log_every=config.train.log_every,
-             images_per_step=section.batch_size * len(train_splits), train_mode=train_mode)
+             images_per_step=section.batch_size * len(train_splits), train_mode=train_mode,
+             section=name)
 
 
 def train_experts(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -326,17 +333,25 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str | Path) -> di
                 validate=_validation(config, methods.single, "model"))
 
 
-def mixture_with_trained_experts(config: ml_collections.ConfigDict,
-                                 workdir: str | Path) -> nnx.Module:
-  """The MoE around the experts stage's best checkpoint (gate freshly initialised)."""
+def mixture_with_trained_experts(config: ml_collections.ConfigDict, workdir: str | Path,
+                                 gate: str) -> nnx.Module:
+  """The MoE around the experts stage's best checkpoint (`gate` freshly initialised)."""
   num = len(input_pipeline.expert_names(config.data))
   experts, _ = checkpoint.restore_model(workdir, "experts", lambda: build.experts(config, num))
-  return build.mixture(config, experts)
+  return build.mixture(config, experts, gate)
 
 
-def train_gate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Stage "gate": the gate (and fusion conv) on all training data, experts frozen."""
-  return _train(config, workdir, "gate", lambda: mixture_with_trained_experts(config, workdir),
-                loss_fn=mixture_loss, train_splits=[config.data.train_split], stacked=False,
-                validate=_validation(config, methods.mixture, "moe"),
-                wrt=GATE_PARAMS, train_mode=False)
+def train_gate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict]:
+  """Stage "gate": one gate (and fusion conv) per type in model.gates, each on all training
+  data around the same frozen experts, one after another (config section train.gate).
+
+  Returns:
+    {gate type: best checkpoint meta}.
+  """
+  validate = _validation(config, methods.mixture_with("weighted", experts=False), "moe")
+  return {gate: _train(config, workdir, build.gate_stage(gate),
+                       functools.partial(mixture_with_trained_experts, config, workdir, gate),
+                       loss_fn=mixture_loss, train_splits=[config.data.train_split],
+                       stacked=False, validate=validate, wrt=GATE_PARAMS, train_mode=False,
+                       section="gate")
+          for gate in build.gate_types(config)}

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipelines import DataError
+from data_pipelines import DataError, corruptions
 from moe_jax import input_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,3 +44,33 @@ def test_unknown_dataset_name(tmp_path):
   config.data.data_dir = str(tmp_path)
   with pytest.raises(DataError, match="data.name='kitti' is unknown"):
     input_pipeline.prepare(config.data)
+
+
+def test_eval_batches_pad_limit_parts_and_corrupt_deterministically(tmp_path):
+  config = load_config("a2d2", "smoke")
+  input_pipeline.resolve_paths(config.data, tmp_path)
+  input_pipeline.prepare(config.data)
+  data = config.data
+
+  def frames(split, **options):
+    batches = list(input_pipeline.eval_batches(data, split, batch_size=3, **options))
+    assert all(b["image"].shape == (3, *data.image_size, 3) for b in batches)
+    labels = np.concatenate([b["label"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])
+    real = ~np.all(labels == 255, axis=(1, 2))  # padding is labelled 255 everywhere
+    return images[real], labels[real], len(batches)
+
+  highway, _, _ = frames("highway_test")
+  urban, _, _ = frames("urban_test")
+  union, _, num_batches = frames("all_test")  # 4 + 4 frames in batches of 3
+  assert num_batches == 3 and len(union) == 8
+  np.testing.assert_array_equal(union, np.concatenate([highway, urban]))
+  first, labels, _ = frames("all_test", frames_per_part=2)  # 2 of each part
+  np.testing.assert_array_equal(first, np.concatenate([highway[:2], urban[:2]]))
+  noisy, noisy_labels, _ = frames("all_test", frames_per_part=2,
+                                  corruption=("gaussian_noise", 3))
+  np.testing.assert_array_equal(noisy_labels, labels)
+  for i, (clean, corrupted) in enumerate(zip(first, noisy)):  # frame i seeded with i
+    np.testing.assert_array_equal(corrupted,
+                                  corruptions.corrupt(clean, "gaussian_noise", 3, seed=i))
+  assert not np.array_equal(noisy[0] - first[0], noisy[1] - first[1])

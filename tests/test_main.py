@@ -21,11 +21,16 @@ def run_main(*args, workdir, env=None):
   return result.returncode, result.stdout, result.stderr
 
 
-METHODS = {"expert_highway", "expert_urban", "ensemble", "moe", "baseline", "deep_ensemble",
-           "mc_dropout_2"}
+METHODS = {"expert_highway", "expert_urban", "ensemble", "moe_simple", "moe_classwise",
+           "baseline", "deep_ensemble", "mc_dropout_2"}
 MEASURES = {"predictive_entropy", "mutual_information", "expert_variance", "gate_entropy"}
 DEEP_ENSEMBLE = ("--config.model.deep_ensemble_members=2",)
 TEST_SPLITS = {"highway_test", "urban_test", "all_test", "ambiguous_test"}
+# The smoke preset: 2 corruptions at severities 1 and 5 of 2 frames per part, and those
+# frames clean.
+CORRUPTED_SPLITS = {"all_test:clean:0", "all_test:gaussian_noise:1", "all_test:gaussian_noise:5",
+                    "all_test:fog:1", "all_test:fog:5"}
+TRAINED = ("experts", "baseline", "deep_ensemble", "gate_simple", "gate_classwise")
 
 
 @pytest.fixture(scope="module")
@@ -43,35 +48,52 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
   workdir, out, _ = smoke_run
-  for stage in ("experts", "baseline", "deep_ensemble", "gate"):
+  for stage in TRAINED:
     assert f"{stage}: done in" in out
     steps = [p.name for p in (workdir / "checkpoints" / stage).iterdir()]
     assert steps and all(s.isdigit() for s in steps), steps
     assert list((workdir / "tensorboard" / stage).glob("events.out.tfevents.*"))
   results = json.loads((workdir / "results.json").read_text())
-  assert set(results["splits"]) == TEST_SPLITS
+  assert set(results["splits"]) == TEST_SPLITS | CORRUPTED_SPLITS
+  assert results["corruptions"] == {"split": "all_test", "names": ["gaussian_noise", "fog"],
+                                    "severities": [1, 5], "frames_per_part": 2,
+                                    "clean": "all_test:clean:0"}
+  assert results["experts"] == ["highway", "urban"]
+  assert results["gates"] == ["simple", "classwise"]
   for split, methods in results["splits"].items():
     assert set(methods) == METHODS, split
     for entry in methods.values():
       assert 0.0 <= entry["miou"] <= 1.0 and len(entry["iou_per_class"]) == 38
-  assert set(results["checkpoints"]) == {"gate", "baseline", "deep_ensemble"}
+  assert set(results["checkpoints"]) == {"gate_simple", "gate_classwise", "baseline",
+                                         "deep_ensemble"}
   assert len(results["thresholds"]) == 50 and results["thresholds"][0] == 0.01
-  moe = results["splits"]["ambiguous_test"]["moe"]
-  assert set(moe["uncertainty"]) == MEASURES
-  for measure, entry in moe["uncertainty"].items():
-    assert len(entry["pavpu"]) == 50, measure
-    assert 0 <= entry["auroc_misclassification"] <= 1 and 0 <= entry["ece"] <= 1, measure
+  for moe in ("moe_simple", "moe_classwise"):
+    for measure, entry in results["splits"]["ambiguous_test"][moe]["uncertainty"].items():
+      assert len(entry["pavpu"]) == 50, measure
+      assert 0 <= entry["auroc_misclassification"] <= 1 and 0 <= entry["ece"] <= 1, measure
+    assert set(results["splits"]["ambiguous_test"][moe]["uncertainty"]) == MEASURES
   assert set(results["splits"]["all_test"]["baseline"]["uncertainty"]) == {"predictive_entropy"}
   assert set(results["splits"]["all_test"]["mc_dropout_2"]["uncertainty"]) == \
       MEASURES - {"gate_entropy"}
-  assert set(results["ood"]["moe"]) == MEASURES
+  assert set(results["ood"]["moe_classwise"]) == MEASURES
   with np.load(workdir / "histograms.npz") as histograms:  # plain arrays, no pickle
-    assert histograms["all_test/moe/histogram/gate_entropy"].shape == (2, 1000)
+    assert histograms["all_test/moe_simple/histogram/gate_entropy"].shape == (2, 1000)
+    # The simple gate counts images (4 + 4 in all_test), the classwise one pixels.
+    simple = histograms["all_test/moe_simple/gate_histogram"]
+    assert simple.shape == (2, 20) and simple.sum(1).tolist() == [8, 8]
+    classwise = histograms["all_test/moe_classwise/gate_histogram"]
+    assert classwise.sum(1).tolist() == [histograms["all_test/moe_classwise/sums"][0]] * 2
+    np.testing.assert_allclose(histograms["all_test/moe_simple/gate_sum"].sum(), 8, rtol=1e-5)
+  with np.load(workdir / "panels.npz") as panels:
+    assert panels["urban_test/image"].shape == (3, 32, 48, 3)
+    assert panels["urban_test/moe_classwise/gate_entropy"].shape == (3, 32, 48)
+    assert "all_test/image" not in panels  # a union split's frames are its parts'
   report = (workdir / "report.md").read_text()
   assert "## mIoU (%)" in report and "## OOD detection" in report
   assert "1. **MoE vs ensemble under OOD** (`ambiguous_test`" in report
-  miou = results["splits"]["urban_test"]["moe"]["miou"]
-  assert "| moe | " in report and f"{100 * miou:.1f}" in report
+  assert "2. **Simple vs classwise gate-entropy calibration** (ECE" in report
+  miou = results["splits"]["urban_test"]["moe_simple"]["miou"]
+  assert "| moe_simple | " in report and f"{100 * miou:.1f}" in report
   assert len(results["class_names"]) == 38
   for method in METHODS:  # the printed table is the JSON's
     miou = results["splits"]["all_test"][method]["miou"]
@@ -85,7 +107,7 @@ def test_rerun_skips_finished_stages_and_reproduces_the_results(smoke_run):
   code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, workdir=workdir,
                             env=env)
   assert code == 0, err[-3000:]
-  for stage in ("experts", "baseline", "deep_ensemble", "gate"):
+  for stage in TRAINED:
     assert f"{stage}: already finished" in out
   assert json.loads((workdir / "results.json").read_text()) == before
 
@@ -147,6 +169,10 @@ def test_smoke_preset_prepares_the_data_and_saves_the_config(tmp_path):
       "--stages=experts"], "error: config key train.experts.optimizer.name='lion'; use 'sgd'"),
     (["--config=configs/a2d2.py:smoke", "--config.train.baseline.batch_size=64",
       "--stages=baseline"], "error: config key train.baseline.batch_size=64 is larger than"),
+    (["--config=configs/a2d2.py:smoke", "--config.model.gates=('simple','fancy')"],
+     "error: config key model.gates=('simple', 'fancy') must name distinct gate types"),
+    (["--config=configs/a2d2.py:smoke", "--config.eval.corruptions=('rain',)"],
+     "error: config key eval.corruptions names unknown corruptions ['rain']"),
     (["--config=configs/a2d2.py:smoke", "--stages=data,dance"],
      "error: unknown stage(s) dance; the stages: data, experts, baseline"),
 ])

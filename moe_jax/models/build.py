@@ -15,6 +15,7 @@ from moe_jax.models.moe import MixtureOfExperts, StackedExperts, make_expert
 # Offsets of config.seed per model, so the experts, the baseline, the deep ensemble and
 # the gate never share initial weights or dropout streams.
 SEED_OFFSETS = {"experts": 0, "baseline": 1000, "deep_ensemble": 2000, "gate": 3000}
+GATES = ("simple", "classwise")
 
 
 def experts(config: ml_collections.ConfigDict, num: int) -> StackedExperts:
@@ -38,10 +39,25 @@ def deep_ensemble(config: ml_collections.ConfigDict) -> StackedExperts:
                         rngs=nnx.Rngs(config.seed + SEED_OFFSETS["deep_ensemble"]))
 
 
-def mixture(config: ml_collections.ConfigDict, stacked_experts: StackedExperts) -> MixtureOfExperts:
-  """The MoE: the given experts + a fresh gate (and fusion conv) from `config.model`."""
+def gate_types(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The config's gate types (model.gates), validated: one MoE is trained per type."""
+  gates = tuple(config.model.gates)
+  if not gates or len(set(gates)) != len(gates) or not set(gates) <= set(GATES):
+    raise ValueError(f"config key model.gates={gates!r} must name distinct gate types "
+                     f"from {GATES}, e.g. --config.model.gates='(\"simple\",)'.")
+  return gates
+
+
+def gate_stage(gate: str) -> str:
+  """The checkpoint name of the MoE with `gate`: "gate_simple", "gate_classwise"."""
+  return f"gate_{gate}"
+
+
+def mixture(config: ml_collections.ConfigDict, stacked_experts: StackedExperts,
+            gate: str) -> MixtureOfExperts:
+  """The MoE: the given experts + a fresh `gate` (and fusion conv) from `config.model`."""
   return MixtureOfExperts(stacked_experts, num_classes=config.data.num_classes,
-                          image_size=tuple(config.data.image_size), gate=config.model.gate,
+                          image_size=tuple(config.data.image_size), gate=gate,
                           fusion_conv=config.model.fusion_conv,
                           gate_hidden=config.model.gate_hidden,
                           rngs=nnx.Rngs(config.seed + SEED_OFFSETS["gate"]))

@@ -101,7 +101,8 @@ class MixtureOfExperts(nnx.Module):
     elif gate == "classwise":
       self.gate = ClasswiseGate(in_ch, feature_hw, k, num_classes, hidden=gate_hidden, rngs=rngs)
     else:
-      raise ValueError(f"config key model.gate={gate!r}; use 'simple' or 'classwise'.")
+      raise ValueError(f"unknown gate {gate!r} (config key model.gates); use 'simple' or "
+                       "'classwise'.")
     self.fusion_conv = conv(num_classes, num_classes, 3, rngs=rngs) if fusion_conv else None
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:

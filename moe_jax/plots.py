@@ -1,0 +1,520 @@
+"""Figures of an evaluated run: PNGs under `<workdir>/plots/` from the evaluate stage's
+`results.json`, `histograms.npz` and `panels.npz`.
+
+Each figure has one function taking the loaded data and an output path; `write_all` draws
+those whose inputs the workdir holds. Figures use matplotlib's object API (`Figure`, no
+pyplot state) and the Agg renderer, so they draw without a display and the same inputs give
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+import numpy as np
+
+from moe_jax import metrics
+from moe_jax.methods import MEASURES
+
+# The evaluate stage's outputs (evaluate.RESULTS_FILE etc.; evaluate itself is not imported:
+# it pulls in the input pipeline and TensorFlow).
+RESULTS_FILE = "results.json"
+HISTOGRAMS_FILE = "histograms.npz"
+PANELS_FILE = "panels.npz"
+PLOTS_DIR = "plots"
+
+SHORT = {"predictive_entropy": "PE", "mutual_information": "MI", "expert_variance": "EV",
+         "gate_entropy": "GE"}
+TITLES = {"predictive_entropy": "predictive entropy", "mutual_information": "mutual information",
+          "expert_variance": "expert variance", "gate_entropy": "gate entropy"}
+CURVES = {"p_accurate_given_certain": "p(accurate | certain)",
+          "p_uncertain_given_inaccurate": "p(uncertain | inaccurate)", "pavpu": "PAvPU"}
+RELIABILITY_BINS = 15
+DPI = 100
+
+Arrays = Mapping[str, np.ndarray]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def method_rank(method: str) -> tuple:
+  """Experts, ensemble, MoE, deep ensemble, baseline, MC dropout by T, anything else."""
+  order = ["expert", "ensemble", "moe", "deep_ensemble", "baseline", "mc_dropout"]
+  family = next((i for i, f in enumerate(order) if method == f or method.startswith(f + "_")),
+                len(order))
+  number = int(method.rsplit("_", 1)[1]) if method.startswith("mc_dropout_") else 0
+  return family, number, method
+
+
+def _is_moe(method: str) -> bool:
+  return method == "moe" or method.startswith("moe_")
+
+
+def _is_corrupted(split: str) -> bool:
+  """Corrupted splits (and a corruption run's clean subset) are named "<split>:<name>:<s>"."""
+  return ":" in split
+
+
+def _colors(results: dict) -> dict[str, tuple]:
+  """One fixed colour per method of the run (the same in every figure)."""
+  names = sorted({m for split in results["splits"].values() for m in split}, key=method_rank)
+  palette = colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+  return {m: palette[i % len(palette)] for i, m in enumerate(names)}
+
+
+def _line_style(method: str, colors: dict) -> dict:
+  return {"color": colors.get(method, "gray"), "lw": 2.2 if _is_moe(method) else 1.3}
+
+
+def _floats(values) -> np.ndarray:
+  """JSON values (null = nan) -> float64 array."""
+  return np.asarray(values, dtype=np.float64)
+
+
+def _stored_methods(arrays: Arrays, split: str, name: str) -> list[str]:
+  """Methods with an array "<split>/<method>/<name>", in plotting order."""
+  found = {key.split("/")[1] for key in arrays
+           if key.startswith(f"{split}/") and key.endswith(f"/{name}") and
+           key.count("/") == 2 + name.count("/")}
+  return sorted(found, key=method_rank)
+
+
+def _grid(count: int, max_columns: int) -> tuple[int, int]:
+  columns = min(count, max_columns)
+  return -(-count // columns), columns
+
+
+def _save(fig: Figure, path: Path) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=DPI)
+  return path
+
+
+# ------------------------------------------------------------- conditional correctness
+
+def conditional_correctness(results: dict, split: str, path: Path) -> Path:
+  """p(accurate|certain), p(uncertain|inaccurate) and PAvPU against the threshold t.
+
+  Rows are the three curves, columns the uncertainty measures, one line per method that
+  has the measure on `split`.
+
+  Args:
+    results: the loaded results.json.
+    split: a key of results["splits"].
+    path: the PNG to write.
+
+  Returns:
+    path.
+  """
+  entries = results["splits"][split]
+  thresholds = _floats(results["thresholds"])
+  colors = _colors(results)
+  measures = [m for m in MEASURES if any(m in e.get("uncertainty", {}) for e in entries.values())]
+  fig = Figure(figsize=(3.4 * len(measures) + 0.6, 8.4), layout="constrained")
+  axes = fig.subplots(len(CURVES), len(measures), sharex=True, sharey=True, squeeze=False)
+  handles = {}
+  for column, measure in enumerate(measures):
+    for method in sorted(entries, key=method_rank):
+      curves = entries[method].get("uncertainty", {}).get(measure)
+      if curves is None:
+        continue
+      for row, key in enumerate(CURVES):
+        (handles[method],) = axes[row, column].plot(thresholds, _floats(curves[key]),
+                                                     **_line_style(method, colors))
+    axes[0, column].set_title(TITLES[measure])
+    axes[-1, column].set_xlabel("threshold t (certain: u < t)")
+  for row, label in enumerate(CURVES.values()):
+    axes[row, 0].set_ylabel(label)
+  for ax in axes.flat:
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+  fig.suptitle(f"Conditional correctness on {split}")
+  _legend_below(fig, handles)
+  return _save(fig, path)
+
+
+def _legend_below(fig: Figure, handles: dict) -> None:
+  """One figure legend under the panels."""
+  fig.legend(handles.values(), handles.keys(), loc="outside lower center",
+             ncols=min(len(handles), 5), fontsize="small")
+
+
+# ------------------------------------------------------------------------ reliability
+
+def _regroup(histogram: np.ndarray, bins: int = RELIABILITY_BINS) -> np.ndarray:
+  """A [3, nb] calibration histogram summed into `bins` equal bins when nb is a multiple."""
+  histogram = np.asarray(histogram, np.float64)
+  width = histogram.shape[1] // bins
+  if histogram.shape[1] % bins or width <= 1:
+    return histogram
+  return histogram.reshape(3, bins, width).sum(-1)
+
+
+def _reliability_panel(ax, histogram: np.ndarray, title: str) -> None:
+  """Accuracy per confidence bin (bars), the gap to the bin's mean confidence (shaded) and
+  the diagonal of perfect calibration."""
+  ece = metrics.calibration_errors(histogram)["ece"]
+  count, sum_conf, sum_ok = _regroup(histogram)
+  edges = np.linspace(0, 1, len(count) + 1)
+  filled = count > 0
+  accuracy = np.divide(sum_ok, count, out=np.zeros_like(count), where=filled)
+  confidence = np.divide(sum_conf, count, out=np.zeros_like(count), where=filled)
+  left, width = edges[:-1][filled], np.diff(edges)[filled]
+  ax.bar(left, accuracy[filled], width, align="edge", color="tab:blue", edgecolor="navy",
+         lw=0.5, label="accuracy")
+  ax.bar(left, (confidence - accuracy)[filled], width, bottom=accuracy[filled], align="edge",
+         color="tab:red", alpha=0.3, edgecolor="tab:red", lw=0.5, hatch="//", label="gap")
+  ax.plot([0, 1], [0, 1], "k--", lw=1)
+  ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal")
+  ax.set_title(f"{title}\nECE {100 * ece:.1f}%", fontsize="medium")
+
+
+def reliability(histograms: Arrays, split: str, path: Path) -> Path:
+  """Reliability diagrams of the max-softmax confidence, one panel per method.
+
+  Args:
+    histograms: the loaded histograms.npz ("<split>/<method>/calibration/max_softmax"
+      [3, nb]: count, Σ confidence, Σ correct per bin (lo, hi]).
+    split: the split to draw.
+    path: the PNG to write.
+
+  Returns:
+    path.
+  """
+  names = _stored_methods(histograms, split, "calibration/max_softmax")
+  rows, columns = _grid(len(names), 4)
+  fig = Figure(figsize=(2.9 * columns, 3.1 * rows + 0.8), layout="constrained")
+  axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+  for ax, method in zip(axes.flat, names):
+    _reliability_panel(ax, histograms[f"{split}/{method}/calibration/max_softmax"], method)
+  for ax in axes.flat[len(names):]:
+    ax.set_axis_off()
+  for ax in axes[-1]:
+    ax.set_xlabel("confidence (max softmax)")
+  for ax in axes[:, 0]:
+    ax.set_ylabel("accuracy")
+  fig.suptitle(f"Reliability on {split}")
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
+  return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------ OOD ROC
+
+def ood_roc(results: dict, histograms: Arrays, path: Path) -> Path:
+  """ROC of OOD detection by uncertainty: pixels of results["ood_splits"][0] are negatives,
+  those of [1] positives, higher uncertainty ⇒ OOD; one panel per measure.
+
+  Args:
+    results: the loaded results.json (its "ood_splits" and the method colours).
+    histograms: the loaded histograms.npz ("<split>/<method>/histogram/<measure>" [2, bins]).
+    path: the PNG to write.
+
+  Returns:
+    path.
+  """
+  in_split, out_split = results["ood_splits"]
+  colors = _colors(results)
+  curves = {measure: [m for m in _stored_methods(histograms, out_split, f"histogram/{measure}")
+                      if f"{in_split}/{m}/histogram/{measure}" in histograms]
+            for measure in MEASURES}
+  curves = {measure: names for measure, names in curves.items() if names}
+  fig = Figure(figsize=(3.9 * len(curves), 4.6), layout="constrained")
+  axes = fig.subplots(1, len(curves), squeeze=False)[0]
+  for ax, (measure, names) in zip(axes, curves.items()):
+    for method in names:
+      negatives = histograms[f"{in_split}/{method}/histogram/{measure}"].sum(0)
+      positives = histograms[f"{out_split}/{method}/histogram/{measure}"].sum(0)
+      fpr, tpr = metrics.roc_curve_from_histograms(negatives, positives)
+      auroc = metrics.auroc_from_histograms(negatives, positives)
+      ax.plot(fpr, tpr, label=f"{method} ({auroc:.3f})", **_line_style(method, colors))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal", title=TITLES[measure],
+           xlabel=f"false-positive rate ({in_split})")
+    ax.grid(alpha=0.3)
+    ax.legend(title="method (AUROC)", loc="lower right", fontsize="x-small",
+              title_fontsize="x-small")
+  axes[0].set_ylabel(f"true-positive rate ({out_split})")
+  fig.suptitle(f"OOD detection by uncertainty: {in_split} (in) vs {out_split} (OOD) pixels")
+  return _save(fig, path)
+
+
+# ---------------------------------------------------------------- corruption severity
+
+# {y label: keys of the value in a method's results.json entry}
+SEVERITY_METRICS = {
+    "mIoU": ("miou",),
+    "ECE (max softmax)": ("calibration", "max_softmax", "ece"),
+    "misclassification AUROC (PE)": ("uncertainty", "predictive_entropy",
+                                     "auroc_misclassification"),
+}
+
+
+def _lookup(tree: dict | None, keys: tuple[str, ...]):
+  """tree[k0][k1]...; None where a key is missing."""
+  for key in keys:
+    tree = (tree or {}).get(key)
+  return tree
+
+
+def _severity_values(results: dict, method: str, corruption: str, keys: tuple[str, ...]
+                     ) -> np.ndarray:
+  """[1 + S] values of one method: the clean split, then each severity (nan if missing)."""
+  info = results["corruptions"]
+  splits = [info.get("clean", info["split"])] + [
+      f"{info['split']}:{corruption}:{s}" for s in info["severities"]]
+  return _floats([_lookup(results["splits"].get(split, {}).get(method), keys)
+                  for split in splits])
+
+
+def corruption_severity(results: dict, path: Path) -> Path:
+  """mIoU, max-softmax ECE and PE misclassification AUROC against corruption severity
+  (0 = clean), one column per corruption after their mean, one line per method.
+
+  Args:
+    results: the loaded results.json, with "corruptions": {"split", "names",
+      "severities", optionally "clean" (the clean split's name, else "split")}.
+    path: the PNG to write.
+
+  Returns:
+    path.
+  """
+  info = results["corruptions"]
+  clean = info.get("clean", info["split"])
+  severities = [0, *info["severities"]]
+  names = sorted(results["splits"][clean], key=method_rank)
+  colors = _colors(results)
+  columns = ["mean over corruptions", *info["names"]]
+  fig = Figure(figsize=(2.7 * len(columns) + 0.8, 7.6), layout="constrained")
+  axes = fig.subplots(len(SEVERITY_METRICS), len(columns), sharex=True, sharey="row",
+                      squeeze=False)
+  handles = {}
+  for row, keys in enumerate(SEVERITY_METRICS.values()):
+    for method in names:
+      values = np.stack([_severity_values(results, method, c, keys) for c in info["names"]])
+      for column, curve in enumerate([_nanmean(values), *values]):
+        (handles[method],) = axes[row, column].plot(severities, curve, marker="o", ms=3,
+                                                     **_line_style(method, colors))
+  for column, title in enumerate(columns):
+    axes[0, column].set_title(title)
+    axes[-1, column].set_xlabel("severity")
+  for row, label in enumerate(SEVERITY_METRICS):
+    axes[row, 0].set_ylabel(label)
+  for ax in axes.flat:
+    ax.set_xticks(severities)
+    ax.grid(alpha=0.3)
+  fig.suptitle(f"Corruptions of {info['split']} (severity 0 = {clean})")
+  _legend_below(fig, handles)
+  return _save(fig, path)
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+  """Mean over axis 0 of the non-nan values; nan where there are none (no warning)."""
+  present = ~np.isnan(values)
+  count = present.sum(0)
+  total = np.where(present, values, 0.0).sum(0)
+  return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+
+
+# ----------------------------------------------------------------------- gate weights
+
+def _gate_unit(method: str) -> str:
+  """What the gate weighs: pixels for a classwise gate, images for the simple one."""
+  if "classwise" in method:
+    return "pixels"
+  return "images" if "simple" in method else "units"
+
+
+def _gate_panel(ax, histogram: np.ndarray, total: np.ndarray, experts: list[str]) -> None:
+  """Grouped bars: per weight bin, the fraction of units giving each expert that weight."""
+  histogram = np.asarray(histogram, np.float64)
+  experts_count, bins = histogram.shape
+  units = histogram[0].sum()
+  width = 1.0 / bins / experts_count
+  for k in range(experts_count):
+    fraction = histogram[k] / units if units else np.zeros(bins)
+    mean = total[k] / units if units else np.nan
+    ax.bar(np.arange(bins) / bins + k * width, fraction, width, align="edge",
+           label=f"{experts[k]} (mean {mean:.2f})")
+  ax.set(xlim=(0, 1), xlabel="gate weight")
+  ax.legend(loc="upper center", fontsize="x-small", ncols=min(experts_count, 2))
+
+
+def gate_weights(results: dict, histograms: Arrays, path: Path) -> Path:
+  """The distribution of each MoE's gate weight on each expert, per clean test split.
+
+  Rows are the MoE methods, columns the splits. The simple gate weighs images, the
+  classwise gate pixels (the weights of the predicted class).
+
+  Args:
+    results: the loaded results.json (splits, and "experts": the expert names).
+    histograms: the loaded histograms.npz ("<split>/<method>/gate_histogram" [K, bins] and
+      "<split>/<method>/gate_sum" [K]).
+    path: the PNG to write.
+
+  Returns:
+    path.
+  """
+  splits = [s for s in results["splits"] if not _is_corrupted(s)]
+  found = {s: _stored_methods(histograms, s, "gate_histogram") for s in splits}
+  splits = [s for s in splits if found[s]]
+  names = sorted({m for s in splits for m in found[s]}, key=method_rank)
+  fig = Figure(figsize=(3.6 * len(splits), 3.3 * len(names) + 0.5), layout="constrained")
+  axes = fig.subplots(len(names), len(splits), sharey="row", squeeze=False)
+  for row, method in enumerate(names):
+    unit = _gate_unit(method)
+    for column, split in enumerate(splits):
+      ax = axes[row, column]
+      if method not in found[split]:
+        ax.set_axis_off()
+        continue
+      histogram = histograms[f"{split}/{method}/gate_histogram"]
+      experts = results.get("experts") or [f"expert {k}" for k in range(len(histogram))]
+      _gate_panel(ax, histogram, histograms[f"{split}/{method}/gate_sum"], experts)
+      ax.set_title(f"{method} on {split}\n({int(histogram[0].sum())} {unit})",
+                   fontsize="medium")
+    axes[row, 0].set_ylim(0, 1.3 * axes[row, 0].get_ylim()[1])  # room for the legends
+    axes[row, 0].set_ylabel(f"fraction of {unit}")
+  fig.suptitle("Gate weight on each expert, by test domain")
+  return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- panels
+
+def class_palette(num_classes: int) -> np.ndarray:
+  """float [C, 3] fixed RGB colours of the classes (tab20, tab20b, tab20c, repeated)."""
+  colors = [c for name in ("tab20", "tab20b", "tab20c") for c in colormaps[name].colors]
+  return np.asarray([colors[i % len(colors)] for i in range(num_classes)], np.float64)
+
+
+def _colorize(classes: np.ndarray, palette: np.ndarray) -> np.ndarray:
+  """Class ids [H, W] -> RGB [H, W, 3]; 255 and other ids >= C are black."""
+  classes = np.asarray(classes, np.int64)
+  valid = (classes >= 0) & (classes < len(palette))
+  return np.where(valid[..., None], palette[np.where(valid, classes, 0)], 0.0)
+
+
+def panel(results: dict, panels: Arrays, method: str, split: str, path: Path) -> Path:
+  """Example images of a split: image, label, the method's prediction and its uncertainty
+  maps (PE, MI, EV, GE on a shared 0..1 colour scale), one row per image.
+
+  Args:
+    results: the loaded results.json ("class_names" sets the palette and the legend).
+    panels: the loaded panels.npz ("<split>/image" uint8 [N,H,W,3], "<split>/label"
+      [N,H,W] with 255 = ignore, "<split>/<method>/prediction" and
+      "<split>/<method>/<measure>" [N,H,W]).
+    method: an MoE method with maps in `panels`.
+    split: the split.
+    path: the PNG to write.
+
+  Returns:
+    path.
+  """
+  images, labels = panels[f"{split}/image"], panels[f"{split}/label"]
+  prediction = panels[f"{split}/{method}/prediction"]
+  maps = {m: panels[f"{split}/{method}/{m}"] for m in MEASURES if f"{split}/{method}/{m}" in panels}
+  class_names = results.get("class_names") or [
+      f"class {c}" for c in range(int(max(np.max(prediction), _max_label(labels))) + 1)]
+  palette = class_palette(len(class_names))
+  present = [int(c) for c in np.union1d(np.unique(labels), np.unique(prediction))
+             if 0 <= c < len(class_names)]
+  legend_columns = min(len(present), 6) or 1
+  columns = 3 + len(maps)
+  height, width = images.shape[1:3]
+  cell = 2.3
+  fig = Figure(figsize=(cell * columns + 1.0, cell * height / width * len(images) + 0.9 +
+                        0.18 * -(-len(present) // legend_columns)), layout="compressed")
+  axes = fig.subplots(len(images), columns, squeeze=False)
+  for row in range(len(images)):
+    views = [images[row], _colorize(labels[row], palette), _colorize(prediction[row], palette)]
+    for ax, view in zip(axes[row], views):
+      ax.imshow(view, interpolation="nearest")
+    for ax, values in zip(axes[row, 3:], maps.values()):
+      shown = ax.imshow(values[row], cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+  for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for ax, title in zip(axes[0], ["image", "label", "prediction", *(SHORT[m] for m in maps)]):
+    ax.set_title(title)
+  if maps:
+    fig.colorbar(shown, ax=axes[:, 3:], shrink=0.9, label="normalised uncertainty")
+  fig.legend([Patch(color=palette[c]) for c in present], [class_names[c] for c in present],
+             loc="outside lower center", ncols=legend_columns, fontsize="x-small",
+             title="classes (black: ignored)", title_fontsize="x-small")
+  fig.suptitle(f"{method} on {split}")
+  return _save(fig, path)
+
+
+def _max_label(labels: np.ndarray) -> int:
+  valid = labels[labels != metrics.IGNORE_LABEL]
+  return int(valid.max()) if valid.size else 0
+
+
+# -------------------------------------------------------------------------- write_all
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+  """The arrays of an .npz ({} when it does not exist)."""
+  if not path.exists():
+    return {}
+  with np.load(path, allow_pickle=False) as data:
+    return dict(data)
+
+
+def _plotted_splits(results: dict) -> list[str]:
+  """The first clean split and the OOD pair's splits."""
+  clean = [s for s in results["splits"] if not _is_corrupted(s)]
+  return list(dict.fromkeys(clean[:1] + list(results.get("ood_splits") or [])))
+
+
+def _jobs(results: dict, histograms: Arrays, panels: Arrays
+          ) -> Iterator[tuple[str, Callable[[Path], Path]]]:
+  """(file name, draw(path)) of every figure whose inputs exist."""
+  for split in _plotted_splits(results):
+    if any(e.get("uncertainty") for e in results["splits"].get(split, {}).values()):
+      yield (f"conditional_correctness_{split}.png",
+             functools.partial(conditional_correctness, results, split))
+    if _stored_methods(histograms, split, "calibration/max_softmax"):
+      yield f"reliability_{split}.png", functools.partial(reliability, histograms, split)
+  ood = results.get("ood_splits") or []
+  if len(ood) == 2 and any(
+      _stored_methods(histograms, ood[0], f"histogram/{m}") and
+      _stored_methods(histograms, ood[1], f"histogram/{m}") for m in MEASURES):
+    yield "ood_roc.png", functools.partial(ood_roc, results, histograms)
+  info = results.get("corruptions") or {}
+  if info.get("names") and info.get("clean", info.get("split")) in results["splits"]:
+    yield "corruption_severity.png", functools.partial(corruption_severity, results)
+  if any(_stored_methods(histograms, s, "gate_histogram")
+         for s in results["splits"] if not _is_corrupted(s)):
+    yield "gate_weights.png", functools.partial(gate_weights, results, histograms)
+  for split in dict.fromkeys(key.split("/")[0] for key in panels):
+    if _is_corrupted(split) or f"{split}/image" not in panels:
+      continue
+    for method in _stored_methods(panels, split, "prediction"):
+      yield f"panel_{method}_{split}.png", functools.partial(panel, results, panels, method,
+                                                             split)
+
+
+def write_all(workdir: str | Path) -> list[Path]:
+  """Every figure whose inputs `workdir` holds, as `<workdir>/plots/<name>.png`.
+
+  Needs `results.json` (nothing is drawn without it); figures from `histograms.npz` or
+  `panels.npz` are skipped when that file is missing.
+
+  Returns:
+    The written paths, in drawing order.
+  """
+  workdir = Path(workdir)
+  if not (workdir / RESULTS_FILE).exists():
+    return []
+  results = json.loads((workdir / RESULTS_FILE).read_text())
+  histograms = _load_arrays(workdir / HISTOGRAMS_FILE)
+  panels = _load_arrays(workdir / PANELS_FILE)
+  out = workdir / PLOTS_DIR
+  return [draw(out / name) for name, draw in _jobs(results, histograms, panels)]
