@@ -93,6 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # of the same subset are evaluated too, as "<split>:clean:0".
   config.eval.corruption_frames_per_part = 0
   config.eval.panel_images = 3              # images per split in the uncertainty panels
+  config.eval.patch_size = 4                # Mukhoti & Gal's patch metrics (0 = off)
 
   if preset in ("synthetic", "smoke"):
     small = preset == "smoke"

@@ -33,7 +33,7 @@ PANELS_FILE = "panels.npz"
 
 
 def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: int,
-                       uncertainty: bool) -> dict[str, jax.Array]:
+                       uncertainty: bool, patch_size: int) -> dict[str, jax.Array]:
   stats = {"confusion": metrics.confusion_matrix(labels, output["prediction"], num_classes)}
   if not uncertainty:
     return stats
@@ -42,14 +42,20 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
     stats.update(_gate_statistics(output["gate_weights"], valid))
   correct = output["prediction"] == labels
   probs = output["probs"]
+  fine = metrics.FINE_CALIBRATION_BINS
   for measure in methods.MEASURES:
     if measure in output:
-      stats[f"histogram/{measure}"] = metrics.uncertainty_histogram(output[measure], correct,
-                                                                    valid)
-      stats[f"calibration/{measure}"] = metrics.calibration_histogram(1.0 - output[measure],
-                                                                      correct, valid)
+      u = output[measure]
+      stats[f"histogram/{measure}"] = metrics.uncertainty_histogram(u, correct, valid)
+      stats[f"calibration/{measure}"] = metrics.calibration_histogram(1.0 - u, correct, valid,
+                                                                      fine)
+      stats[f"per_image/{measure}"] = metrics.per_image_sums(u, correct, valid,
+                                                             metrics.REFERENCE_THRESHOLDS)
+      if patch_size:
+        stats[f"patch_histogram/{measure}"] = metrics.patch_uncertainty_histogram(
+            u, correct, valid, patch_size)
   stats["calibration/max_softmax"] = metrics.calibration_histogram(jnp.max(probs, -1),
-                                                                   correct, valid)
+                                                                   correct, valid, fine)
   safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
   one_hot = jax.nn.one_hot(safe_labels, num_classes, dtype=jnp.float32)
   brier = jnp.sum((probs - one_hot) ** 2, axis=-1)
@@ -89,11 +95,14 @@ def _gate_statistics(gates: jax.Array, valid: jax.Array) -> dict[str, jax.Array]
 PANEL_MAPS = ("prediction",) + methods.MEASURES
 
 
-@nnx.jit(static_argnums=(0, 4, 5, 6))
+@nnx.jit(static_argnums=(0, 4, 5, 6, 7))
 def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.Array],
-                     key: jax.Array, num_classes: int, uncertainty: bool, panel_images: int = 0
+                     key: jax.Array, num_classes: int, uncertainty: bool, panel_images: int = 0,
+                     patch_size: int = 0
                      ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, dict[str, jax.Array]]]:
   """({method: {statistic: array}}, panels) of one batch (see the module docstring).
+
+  patch_size > 0 adds the patch-based histograms of patch_size² pixel patches.
 
   panels: {method: {map: [panel_images, H, W]}} for the prediction and the uncertainty
   maps of each MoE method (those with gate weights), from the batch's first images.
@@ -101,7 +110,7 @@ def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.
   images = batch["image"].astype(jnp.float32) / 255.0
   labels = batch["label"].astype(jnp.int32)
   out = outputs(model, images, key)
-  stats = {method: _method_statistics(output, labels, num_classes, uncertainty)
+  stats = {method: _method_statistics(output, labels, num_classes, uncertainty, patch_size)
            for method, output in out.items()}
   panels = {method: {name: output[name][:panel_images] for name in PANEL_MAPS if name in output}
             for method, output in out.items() if panel_images and "gate_weights" in output}
@@ -110,7 +119,8 @@ def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.
 
 def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], num_classes: int,
                *, uncertainty: bool = False, seed: int = 0, panel_images: int = 0,
-               panels: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+               patch_size: int = 0, panels: dict | None = None
+               ) -> dict[str, dict[str, np.ndarray]]:
   """Sums `batch_statistics` over `batches` (model in eval mode).
 
   Args:
@@ -123,6 +133,7 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
     seed: MC-dropout key of batch i is fold_in(key(seed), i).
     panel_images: N, the number of images whose maps the compiled call returns (static;
       keep it the same across calls of one output function).
+    patch_size: also accumulate the patch-based histograms (0 = off; static).
     panels: if given, filled with the first batch's images, labels and MoE maps:
       {"image": uint8 [N,H,W,3], "label": [N,H,W], "maps": {method: {map: [N,H,W]}}}.
 
@@ -136,7 +147,7 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
     # Dispatch this batch before fetching the last result, so the host's transfer
     # overlaps the device's work.
     result, maps = batch_statistics(outputs, model, batch, jax.random.fold_in(base, i),
-                                    num_classes, uncertainty, panel_images)
+                                    num_classes, uncertainty, panel_images, patch_size)
     if i == 0 and panels is not None:
       panels.update(image=batch["image"][:panel_images], label=batch["label"][:panel_images],
                     maps=jax.device_get(maps))
@@ -168,14 +179,28 @@ def confusions(outputs: Callable, model: nnx.Module, batches: Iterable[dict],
           for method, stats in accumulate(outputs, model, batches, num_classes).items()}
 
 
+CURVES = ("p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu",
+          "pavpu_reference")
+
+
+def _calibration(histogram: np.ndarray) -> dict[str, float]:
+  """ECE/MCE (15 equal-width bins) and their adaptive (equal-mass) versions of a fine
+  calibration histogram."""
+  adaptive = metrics.adaptive_calibration_errors(histogram, 15)
+  return {**metrics.calibration_errors(histogram, 15),
+          "adaptive_ece": adaptive["ece"], "adaptive_mce": adaptive["mce"]}
+
+
 def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
   """The JSON entry of one method on one split.
 
   {"miou", "pixel_accuracy", "iou_per_class", and with uncertainty statistics: "brier",
-  "nll", "calibration": {"max_softmax": {"ece", "mce"}}, "uncertainty": {measure: {
+  "nll", "calibration": {"max_softmax": CAL}, "uncertainty": {measure: {
   "p_accurate_given_certain": [T], "p_uncertain_given_inaccurate": [T], "pavpu": [T],
-  "pavpu_reference": [T], "ece", "mce" (of confidence 1 - u), "auroc_misclassification",
-  "aupr_misclassification", "aurc"}}}; nan is written as null.
+  "pavpu_reference": [T], **CAL (of confidence 1 - u), "auroc_misclassification",
+  "aupr_misclassification", "aurc", "per_image": {the four curves, the reference's mean
+  over images}, "patch": {the four curves over patches} (when accumulated)}}}, where
+  CAL = {"ece", "mce", "adaptive_ece", "adaptive_mce"}; nan is written as null.
   """
   confusion = stats["confusion"]
   entry = {"miou": metrics.mean_iou(confusion), "pixel_accuracy": metrics.pixel_accuracy(confusion),
@@ -185,24 +210,26 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
   pixels, brier, nll = stats["sums"]
   entry["brier"] = brier / pixels if pixels else float("nan")
   entry["nll"] = nll / pixels if pixels else float("nan")
-  entry["calibration"] = {"max_softmax": metrics.calibration_errors(
-      stats["calibration/max_softmax"])}
+  entry["calibration"] = {"max_softmax": _calibration(stats["calibration/max_softmax"])}
   entry["uncertainty"] = {}
   for measure in methods.MEASURES:
     if f"histogram/{measure}" not in stats:
       continue
     histogram = stats[f"histogram/{measure}"]
     curves = metrics.conditional_correctness_from_histogram(histogram, thresholds)
-    entry["uncertainty"][measure] = {
-        **{key: curves[key] for key in ("p_accurate_given_certain",
-                                        "p_uncertain_given_inaccurate", "pavpu",
-                                        "pavpu_reference")},
-        **metrics.calibration_errors(stats[f"calibration/{measure}"]),
+    values = entry["uncertainty"][measure] = {
+        **{key: curves[key] for key in CURVES},
+        **_calibration(stats[f"calibration/{measure}"]),
         "auroc_misclassification": metrics.auroc_from_histograms(histogram[1], histogram[0]),
         "aupr_misclassification": metrics.average_precision_from_histograms(histogram[1],
                                                                             histogram[0]),
         "aurc": metrics.risk_coverage_from_histogram(histogram)["aurc"],
+        "per_image": metrics.per_image_conditional_correctness(stats[f"per_image/{measure}"]),
     }
+    if f"patch_histogram/{measure}" in stats:
+      patches = metrics.conditional_correctness_from_histogram(
+          stats[f"patch_histogram/{measure}"], thresholds)
+      values["patch"] = {key: patches[key] for key in CURVES}
   return _json(entry)
 
 
@@ -394,7 +421,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         panel = {} if panel_images and read not in corrupted else None
         for key, stats in accumulate(outputs, models[stage], batches, config.data.num_classes,
                                      uncertainty=True, seed=config.seed,
-                                     panel_images=panel_images, panels=panel).items():
+                                     panel_images=panel_images,
+                                     patch_size=config.eval.patch_size, panels=panel).items():
           part_totals[(read, rename[key])] = stats
         if panel:
           panels.setdefault(read, {"image": panel["image"], "label": panel["label"]}).update(

@@ -90,12 +90,25 @@ def uncertainty_histogram(uncertainty: jax.Array, correct: jax.Array, valid: jax
   Returns:
     int32 [2, num_bins]: row 0 incorrect, row 1 correct.
   """
-  edges = jnp.asarray(bin_edges(num_bins))
-  u = jnp.clip(uncertainty.astype(jnp.float32).reshape(-1), 0.0, 1.0)
-  bins = jnp.clip(jnp.searchsorted(edges, u, side="right") - 1, 0, num_bins - 1)
+  bins = _uncertainty_bins(uncertainty.reshape(-1), num_bins)
   index = jnp.where(valid.reshape(-1), correct.reshape(-1).astype(jnp.int32) * num_bins + bins,
                     2 * num_bins)
   return jnp.bincount(index, length=2 * num_bins + 1)[:-1].reshape(2, num_bins).astype(jnp.int32)
+
+
+def _uncertainty_bins(uncertainty: jax.Array, num_bins: int) -> jax.Array:
+  """int32 bin b of edges[b] <= u < edges[b + 1] (u clipped to [0, 1], u = 1 in the last)."""
+  u = jnp.clip(uncertainty.astype(jnp.float32), 0.0, 1.0)
+  edges = jnp.asarray(bin_edges(num_bins))
+  return jnp.clip(jnp.searchsorted(edges, u, side="right") - 1, 0, num_bins - 1).astype(jnp.int32)
+
+
+def _edge_indices(thresholds: np.ndarray, num_bins: int) -> np.ndarray:
+  """Indices k of thresholds t = k / num_bins; ValueError for one off the bin edges."""
+  k = np.rint(np.asarray(thresholds, np.float64) * num_bins).astype(int)
+  if not np.allclose(k / num_bins, thresholds):
+    raise ValueError(f"thresholds must lie on the {num_bins} histogram bin edges")
+  return k
 
 
 def conditional_correctness_from_histogram(histogram: np.ndarray,
@@ -116,10 +129,7 @@ def conditional_correctness_from_histogram(histogram: np.ndarray,
     pavpu_reference, and the counts n_ac, n_ic, n_au, n_iu.
   """
   histogram = np.asarray(histogram, np.int64)
-  num_bins = histogram.shape[1]
-  k = np.rint(np.asarray(thresholds, np.float64) * num_bins).astype(int)
-  if not np.allclose(k / num_bins, thresholds):
-    raise ValueError(f"thresholds must lie on the {num_bins} histogram bin edges")
+  k = _edge_indices(thresholds, histogram.shape[1])
   below = np.concatenate([[[0], [0]], np.cumsum(histogram, axis=1)], axis=1)  # [2, bins+1]
   n_ic, n_ac = below[0, k], below[1, k]
   n_iu, n_au = histogram[0].sum() - n_ic, histogram[1].sum() - n_ac
@@ -154,12 +164,127 @@ def _ratios(n_ac, n_ic, n_au, n_iu) -> dict[str, np.ndarray]:
     }
 
 
+def _patches(uncertainty: jax.Array, correct: jax.Array, valid: jax.Array, patch: int):
+  """(mean uncertainty over valid pixels, accurate, has a valid pixel), each [B, H//p, W//p]."""
+  b, h, w = uncertainty.shape
+  h, w = h // patch * patch, w // patch * patch
+
+  def block_sums(x):
+    return x[:, :h, :w].reshape(b, h // patch, patch, w // patch, patch).sum((2, 4))
+
+  valid = jnp.asarray(valid, bool)
+  n_valid = block_sums(valid.astype(jnp.float32))
+  n_correct = block_sums((valid & jnp.asarray(correct, bool)).astype(jnp.float32))
+  sum_u = block_sums(jnp.where(valid, jnp.asarray(uncertainty, jnp.float32), 0.0))
+  return sum_u / jnp.maximum(n_valid, 1.0), 2.0 * n_correct >= n_valid, n_valid > 0
+
+
+def patch_uncertainty_histogram(uncertainty: jax.Array, correct: jax.Array, valid: jax.Array,
+                                patch: int = 4, num_bins: int = NUM_BINS) -> jax.Array:
+  """`uncertainty_histogram` of patches (Mukhoti & Gal's patch-based variant; jit-able).
+
+  Non-overlapping patch × patch blocks; H and W are cropped down to multiples of `patch`
+  (the last H % patch rows and W % patch columns are dropped). A patch is accurate if at
+  least 50% of its valid pixels are correct, its uncertainty is the mean over its valid
+  pixels, and a patch with no valid pixel is not counted. patch=1 is the pixel histogram.
+
+  Args:
+    uncertainty: [B, H, W] in [0, 1]; correct, valid: bool [B, H, W].
+    patch: side of the square patches.
+
+  Returns:
+    int32 [2, num_bins] patch counts (row 0 inaccurate, row 1 accurate), the layout
+    `conditional_correctness_from_histogram` reads.
+  """
+  return uncertainty_histogram(*_patches(uncertainty, correct, valid, patch), num_bins)
+
+
+def patch_conditional_correctness(uncertainty: np.ndarray, correct: np.ndarray,
+                                  thresholds: np.ndarray = REFERENCE_THRESHOLDS, patch: int = 4,
+                                  valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """`conditional_correctness` of the patches of `patch_uncertainty_histogram` (any
+  thresholds): uncertainty [B, H, W], correct and valid (default all) bool [B, H, W]."""
+  valid = np.ones(np.shape(correct), bool) if valid is None else valid
+  mean, accurate, counted = (np.asarray(x) for x in _patches(
+      np.asarray(uncertainty), correct, valid, patch))
+  return conditional_correctness(mean[counted], accurate[counted], thresholds)
+
+
+PER_IMAGE_METRICS = ("p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu",
+                     "pavpu_reference")
+
+
+def per_image_sums(uncertainty: jax.Array, correct: jax.Array, valid: jax.Array,
+                   thresholds: np.ndarray = REFERENCE_THRESHOLDS,
+                   num_bins: int = NUM_BINS) -> jax.Array:
+  """Sums over images of each image's conditional-correctness ratios (jit-able, mergeable).
+
+  Each image's counts come from its own uncertainty histogram (one bincount [B, 2, bins]),
+  so "certain" ⇔ u < t exactly as in `conditional_correctness_from_histogram`. A ratio
+  with an empty denominator is left out of the sums and counts; an image with no valid
+  pixel adds nothing. Reduce with `per_image_conditional_correctness`.
+
+  Args:
+    uncertainty: [B, H, W] in [0, 1]; correct, valid: bool [B, H, W].
+    thresholds: [T] host values k / num_bins (static under jit).
+
+  Returns:
+    float32 [2, 4, T]: row 0 the sum over images of each of PER_IMAGE_METRICS where it is
+    defined, row 1 the number of images where it is defined.
+  """
+  k = _edge_indices(thresholds, num_bins)
+  b = uncertainty.shape[0]
+  bins = _uncertainty_bins(uncertainty.reshape(b, -1), num_bins)
+  row = jnp.arange(b)[:, None] * 2 + correct.reshape(b, -1).astype(jnp.int32)
+  index = jnp.where(valid.reshape(b, -1), row * num_bins + bins, 2 * b * num_bins)
+  histogram = jnp.bincount(index.reshape(-1), length=2 * b * num_bins + 1)[:-1]
+  below = jnp.cumsum(histogram.reshape(b, 2, num_bins), axis=2)  # below[..., j]: bins <= j
+  below = jnp.concatenate([jnp.zeros((b, 2, 1), below.dtype), below], axis=2)
+  n_ic, n_ac = below[:, 0, k], below[:, 1, k]  # [B, T]
+  n_i, n_a = (jnp.broadcast_to(below[:, r, -1:], n_ic.shape) for r in (0, 1))
+  n_iu = n_i - n_ic
+  numerator = jnp.stack([n_ac, n_iu, n_ac + n_iu, n_ac + n_iu], 1)  # [B, 4, T]
+  denominator = jnp.stack([n_ac + n_ic, n_i, n_a + n_i, n_ac + 2 * n_ic + n_iu], 1)
+  defined = denominator > 0
+  ratio = jnp.where(defined, numerator / jnp.maximum(denominator, 1), 0.0)
+  return jnp.stack([ratio.sum(0), defined.sum(0)]).astype(jnp.float32)
+
+
+def per_image_conditional_correctness(sums: np.ndarray, undefined_as_zero: bool = True
+                                      ) -> dict[str, np.ndarray]:
+  """Mean over images of each image's ratios, from `per_image_sums` summed over batches.
+
+  The reference (`calculate_metrics`) scores a ratio with an empty denominator (no certain
+  pixel, no inaccurate pixel) as 0 and averages over all images: `undefined_as_zero=True`
+  does the same over the images with a valid pixel. False averages each ratio over the
+  images that define it (a nanmean). Unlike the reference, which takes every pixel, only
+  valid pixels count and an image without one is skipped.
+
+  Args:
+    sums: [2, 4, T] (row 0 sums, row 1 counts of defining images).
+
+  Returns:
+    {name: float64 [T]} for PER_IMAGE_METRICS; nan where no image is averaged over.
+  """
+  total, defined = np.asarray(sums, np.float64)
+  if undefined_as_zero:  # the M&G PAvPU is defined on every image with a valid pixel
+    defined = np.broadcast_to(defined[PER_IMAGE_METRICS.index("pavpu")], total.shape)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return dict(zip(PER_IMAGE_METRICS, np.where(defined > 0, total / defined, np.nan)))
+
+
+FINE_CALIBRATION_BINS = 1500  # 15 · 100: regroups exactly into 15 equal-width bins
+
+
 def calibration_histogram(confidence: jax.Array, correct: jax.Array, valid: jax.Array,
                           num_bins: int = 15) -> jax.Array:
   """Per-bin (count, Σ confidence, Σ correct) for equal-width bins (lo, hi] (jit-able).
 
-  A confidence of exactly 0 goes to the first bin. Sums are float32 per call; add the
-  results of many calls in float64 on the host.
+  Bin b holds edges[b] < conf <= edges[b + 1] against the float32 `bin_edges(num_bins)`;
+  a confidence of exactly 0 goes to the first bin. The edges of num_bins are edges of any
+  multiple of it, so a FINE_CALIBRATION_BINS histogram regroups exactly into 15 bins (see
+  `calibration_errors`) and also serves `adaptive_calibration_errors`. Sums are float32
+  per call; add the results of many calls in float64 on the host.
 
   Args:
     confidence: [...] in [0, 1]; correct, valid: bool [...].
@@ -170,16 +295,22 @@ def calibration_histogram(confidence: jax.Array, correct: jax.Array, valid: jax.
   conf = jnp.clip(confidence.astype(jnp.float32).reshape(-1), 0.0, 1.0)
   ok = correct.reshape(-1).astype(jnp.float32)
   weight = valid.reshape(-1).astype(jnp.float32)
-  bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+  edges = jnp.asarray(bin_edges(num_bins))
+  bins = jnp.clip(jnp.searchsorted(edges, conf, side="left") - 1, 0, num_bins - 1)
   sums = [jnp.zeros(num_bins, jnp.float32).at[bins].add(weight * x)
           for x in (jnp.ones_like(conf), conf, ok)]
   return jnp.stack(sums)
 
 
-def calibration_errors(histogram: np.ndarray) -> dict[str, float]:
+def calibration_errors(histogram: np.ndarray, num_bins: int | None = None) -> dict[str, float]:
   """ECE = Σ_b (n_b / N) |acc_b − conf_b| and MCE = max over non-empty bins, from a
-  `calibration_histogram` [3, bins]; nan when it is empty."""
+  `calibration_histogram` [3, bins], first regrouped into num_bins equal-width bins when
+  given (it must divide bins); nan when it is empty."""
   count, sum_conf, sum_ok = np.asarray(histogram, np.float64)
+  if num_bins is not None:
+    if count.size % num_bins:
+      raise ValueError(f"{count.size} bins do not regroup into {num_bins}")
+    count, sum_conf, sum_ok = (x.reshape(num_bins, -1).sum(1) for x in (count, sum_conf, sum_ok))
   filled = count > 0
   if not filled.any():
     return {"ece": float("nan"), "mce": float("nan")}
@@ -193,6 +324,34 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
   confidence = jnp.asarray(confidence, jnp.float32)
   return calibration_errors(calibration_histogram(
       confidence, jnp.asarray(correct), jnp.ones(confidence.shape, bool), num_bins))
+
+
+def adaptive_calibration_errors(histogram: np.ndarray, num_bins: int = 15) -> dict[str, float]:
+  """Adaptive (equal-mass) ECE and MCE from a fine `calibration_histogram` [3, fine bins].
+
+  Consecutive fine bins are grouped into num_bins groups of about N / num_bins pixels: a
+  fine bin joins group ⌊num_bins · (pixels in lower bins) / N⌋, so a group boundary falls
+  where the cumulative count crosses k · N / num_bins. ECE = Σ_groups |Σ correct − Σ conf| / N
+  and MCE = the largest |acc − conf| of a group. This is exact up to the fine-bin
+  granularity: each boundary is off from the exact sorted split by less than one fine bin's
+  count m, so the ECE is within 2 (num_bins − 1) max m / N of the exact one (in practice far
+  closer). nan when the histogram is empty.
+  """
+  count, sum_conf, sum_ok = np.asarray(histogram, np.float64)
+  before = np.cumsum(count) - count
+  group = np.minimum(num_bins * before // max(count.sum(), 1), num_bins - 1).astype(int)
+  return calibration_errors(np.stack([np.bincount(group, weights=x, minlength=num_bins)
+                                      for x in (count, sum_conf, sum_ok)]))
+
+
+def adaptive_expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                                        num_bins: int = 15) -> dict[str, float]:
+  """Exact adaptive ECE and MCE of arrays: sorted by confidence and split into num_bins
+  groups of equal count (`np.array_split`; ties in any order)."""
+  conf = np.asarray(confidence, np.float64).reshape(-1)
+  ok = np.asarray(correct, np.float64).reshape(-1)
+  groups = np.array_split(np.argsort(conf, kind="stable"), num_bins)
+  return calibration_errors(np.array([[len(g), conf[g].sum(), ok[g].sum()] for g in groups]).T)
 
 
 # ------------------------------------------------------------ detection from histograms

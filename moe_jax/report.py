@@ -47,7 +47,8 @@ def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[
       rows.append([method, SHORT[measure]] + [
           _pct(values[key][at])
           for key in ("p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu")] +
-          [_pct(_area(values["pavpu"]))])
+          [_pct(_area(values["pavpu"])), _pct(values["per_image"]["pavpu"][at]),
+           _pct(values["patch"]["pavpu"][at]) if "patch" in values else "–"])
   return rows
 
 
@@ -144,20 +145,24 @@ def write(workdir: str | Path) -> Path:
   for split in [s for s in dict.fromkeys([in_split, ood_split, *splits[:1]]) if s]:
     used = thresholds[_nearest(thresholds, OPERATING_POINT)]
     lines += ["", f"## Conditional correctness on `{split}` (%, t = {used:g}; "
-              "PAvPU area = mean over the sweep)", ""]
+              "pooled over pixels; PAvPU area = mean over the sweep; per-image mean = the "
+              "reference's averaging; patches = Mukhoti & Gal's, accurate if ≥ 50% of its "
+              "pixels are)", ""]
     lines += _table(["method", "measure", "p(accurate\\|certain)", "p(uncertain\\|inaccurate)",
-                     "PAvPU", "PAvPU area"],
+                     "PAvPU", "PAvPU area", "PAvPU per-image mean", "PAvPU patches"],
                     conditional_correctness_rows(results["splits"][split], thresholds))
-    lines += ["", f"## Calibration on `{split}` (ECE %, 15 bins; confidence = 1 − u, or "
-              "the max softmax)", ""]
+    lines += ["", f"## Calibration on `{split}` (ECE %, 15 equal-width bins unless adaptive "
+              "(equal-mass); confidence = 1 − u, or the max softmax)", ""]
     rows = []
     for method in sorted(results["splits"][split], key=method_rank):
       entry = results["splits"][split][method]
       if "calibration" in entry:
-        rows.append([method, _pct(entry["calibration"]["max_softmax"]["ece"])] +
+        softmax = entry["calibration"]["max_softmax"]
+        rows.append([method, _pct(softmax["ece"]), _pct(softmax["adaptive_ece"])] +
                     [_pct(entry["uncertainty"].get(m, {}).get("ece")) for m in SHORT] +
                     [f"{entry['brier']:.3f}", f"{entry['nll']:.3f}"])
-    lines += _table(["method", "max softmax"] + list(SHORT.values()) + ["Brier", "NLL"], rows)
+    lines += _table(["method", "max softmax", "max softmax (adaptive)"] + list(SHORT.values()) +
+                    ["Brier", "NLL"], rows)
   if results["ood"]:
     lines += ["", f"## OOD detection: `{in_split}` vs `{ood_split}` pixels (AUROC %, FPR at "
               "95% TPR %)", ""]

@@ -72,6 +72,13 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
       assert len(entry["pavpu"]) == 50, measure
       assert 0 <= entry["auroc_misclassification"] <= 1 and 0 <= entry["ece"] <= 1, measure
     assert set(results["splits"]["ambiguous_test"][moe]["uncertainty"]) == MEASURES
+  entry = results["splits"]["all_test"]["moe_simple"]["uncertainty"]["mutual_information"]
+  for variant in ("per_image", "patch"):  # the reference's per-image mean; 4x4 patches
+    assert set(entry[variant]) == {"p_accurate_given_certain", "p_uncertain_given_inaccurate",
+                                   "pavpu", "pavpu_reference"}
+    assert all(v is None or 0 <= v <= 1 for v in entry[variant]["pavpu"])
+  calibration = results["splits"]["all_test"]["baseline"]["calibration"]["max_softmax"]
+  assert set(calibration) == {"ece", "mce", "adaptive_ece", "adaptive_mce"}
   assert set(results["splits"]["all_test"]["baseline"]["uncertainty"]) == {"predictive_entropy"}
   assert set(results["splits"]["all_test"]["mc_dropout_2"]["uncertainty"]) == \
       MEASURES - {"gate_entropy"}
@@ -89,6 +96,10 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
     assert panels["urban_test/moe_classwise/gate_entropy"].shape == (3, 32, 48)
     assert "all_test/image" not in panels  # a union split's frames are its parts'
   report = (workdir / "report.md").read_text()
+  for figure in ("conditional_correctness_all_test", "reliability_ambiguous_test", "ood_roc",
+                 "corruption_severity", "gate_weights", "panel_moe_classwise_urban_test"):
+    assert (workdir / "plots" / f"{figure}.png").is_file(), figure
+    assert f"](plots/{figure}.png)" in report, figure
   assert "## mIoU (%)" in report and "## OOD detection" in report
   assert "1. **MoE vs ensemble under OOD** (`ambiguous_test`" in report
   assert "2. **Simple vs classwise gate-entropy calibration** (ECE" in report

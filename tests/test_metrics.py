@@ -1,8 +1,14 @@
-"""Confusion matrix and IoU against hand-computed values."""
+"""Metrics against hand-computed values and plain numpy loops, and property tests that the
+streaming accumulators merge by addition."""
 
+import functools
+import warnings
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from moe_jax import metrics
 
@@ -158,6 +164,72 @@ def test_ece_by_hand():
   assert out["mce"] == pytest.approx(0.35)
 
 
+def test_fine_histogram_regroups_exactly_into_the_15_bins():
+  rng = np.random.default_rng(5)
+  edges = np.concatenate([np.arange(16) / 15, np.arange(0, 1501, 7) / 1500])
+  confidence = np.concatenate([rng.random(3000), edges]).astype(np.float32)
+  correct = rng.random(len(confidence)) < confidence
+  valid = rng.random(len(confidence)) < 0.9
+  args = jnp.asarray(confidence), jnp.asarray(correct), jnp.asarray(valid)
+  fine = np.asarray(metrics.calibration_histogram(*args, metrics.FINE_CALIBRATION_BINS))
+  coarse = np.asarray(metrics.calibration_histogram(*args))
+  np.testing.assert_array_equal(fine[0].reshape(15, 100).sum(1), coarse[0])
+  np.testing.assert_allclose(fine.reshape(3, 15, 100).sum(2), coarse, rtol=1e-6)
+  from_fine, direct = metrics.calibration_errors(fine, 15), metrics.calibration_errors(coarse)
+  assert from_fine["ece"] == pytest.approx(direct["ece"], abs=1e-6)  # float32 sums
+  assert from_fine["mce"] == pytest.approx(direct["mce"], abs=1e-6)
+  with pytest.raises(ValueError, match="regroup"):
+    metrics.calibration_errors(fine, 14)
+
+
+def loop_adaptive_ece(confidence, correct, num_bins=15):
+  """Sort, then walk equal-count groups (the first n % num_bins one element larger)."""
+  order = sorted(range(len(confidence)), key=lambda i: confidence[i])
+  size, extra = divmod(len(order), num_bins)
+  ece, gaps, start = 0.0, [], 0
+  for b in range(num_bins):
+    members = order[start:start + size + (b < extra)]
+    start += len(members)
+    if members:
+      gap = abs(np.mean([correct[i] for i in members]) - np.mean([confidence[i] for i in members]))
+      ece += len(members) / len(order) * gap
+      gaps.append(gap)
+  return ece, max(gaps)
+
+
+def test_adaptive_ece_by_hand_and_against_a_plain_loop():
+  # Two groups of two: {0.1 wrong, 0.2 right} gap 0.35, {0.3, 0.4 right} gap 0.65.
+  confidence, correct = np.array([0.3, 0.1, 0.4, 0.2]), np.array([True, False, True, True])
+  exact = metrics.adaptive_expected_calibration_error(confidence, correct, num_bins=2)
+  assert exact["ece"] == pytest.approx(0.5) and exact["mce"] == pytest.approx(0.65)
+  fine = metrics.calibration_histogram(jnp.asarray(confidence), jnp.asarray(correct),
+                                       jnp.ones(4, bool), metrics.FINE_CALIBRATION_BINS)
+  streamed = metrics.adaptive_calibration_errors(fine, num_bins=2)
+  assert streamed["ece"] == pytest.approx(0.5) and streamed["mce"] == pytest.approx(0.65)
+  rng = np.random.default_rng(6)
+  for n in (7, 15, 301):
+    confidence = rng.random(n)
+    correct = rng.random(n) < confidence ** 2
+    out = metrics.adaptive_expected_calibration_error(confidence, correct)
+    ece, mce = loop_adaptive_ece(confidence, correct)
+    assert out["ece"] == pytest.approx(ece) and out["mce"] == pytest.approx(mce), n
+
+
+def test_streaming_adaptive_ece_is_close_to_the_exact_one():
+  rng = np.random.default_rng(7)
+  n = 100_000
+  confidence = rng.beta(5, 2, n)  # miscalibration that changes sign along the confidence
+  correct = rng.random(n) < np.clip(confidence + 0.1 * np.sin(12 * confidence), 0, 1)
+  fine = np.asarray(metrics.calibration_histogram(
+      jnp.asarray(confidence, jnp.float32), jnp.asarray(correct), jnp.ones(n, bool),
+      metrics.FINE_CALIBRATION_BINS))
+  streamed = metrics.adaptive_calibration_errors(fine)
+  exact = metrics.adaptive_expected_calibration_error(confidence, correct)
+  assert abs(streamed["ece"] - exact["ece"]) < min(5e-4, 2 * 14 * fine[0].max() / n)
+  assert abs(streamed["mce"] - exact["mce"]) < 3e-3
+  assert np.isnan(metrics.adaptive_calibration_errors(np.zeros((3, 1500)))["ece"])
+
+
 # ------------------------------------------------------------ detection (vs scikit-learn)
 
 def binned_scores(rng, n, num_bins=50):
@@ -196,3 +268,134 @@ def test_risk_coverage_by_hand():
   np.testing.assert_allclose(out["risk"][1:], [0, 1 / 4, 2 / 5, 3 / 6])
   expected = np.trapezoid([0, 1 / 4, 2 / 5, 3 / 6], [2 / 6, 4 / 6, 5 / 6, 1])
   assert out["aurc"] == pytest.approx(expected)
+
+
+# ------------------------------------------------------------ patches and per-image means
+
+def loop_patches(u, correct, valid, patch):
+  """(mean uncertainty, accurate) of every patch with a valid pixel, by plain loops."""
+  means, accurate = [], []
+  b, h, w = u.shape
+  for n in range(b):
+    for i in range(0, h - patch + 1, patch):
+      for j in range(0, w - patch + 1, patch):
+        cells = [(n, y, x) for y in range(i, i + patch) for x in range(j, j + patch)
+                 if valid[n, y, x]]
+        if cells:
+          means.append(np.mean([u[c] for c in cells], dtype=np.float64))
+          accurate.append(np.mean([correct[c] for c in cells]) >= 0.5)
+  return np.array(means), np.array(accurate)
+
+
+def test_patch_metrics_against_a_loop_over_patches():
+  rng = np.random.default_rng(8)
+  u = rng.random((2, 10, 13)).astype(np.float32)  # cropped to 8 x 12
+  correct = rng.random(u.shape) < 1 - u
+  valid = rng.random(u.shape) < 0.8
+  valid[0, :4, :4] = False                                # a patch with no valid pixel
+  valid[0, 4:8, :4], correct[0, 4:8, :4] = True, np.arange(16).reshape(4, 4) % 2 == 0  # 50%
+  means, accurate = loop_patches(u, correct, valid, 4)
+  assert len(means) == 2 * 2 * 3 - 1 and accurate[2]
+  hist = np.asarray(metrics.patch_uncertainty_histogram(
+      jnp.asarray(u), jnp.asarray(correct), jnp.asarray(valid), patch=4))
+  assert hist.sum() == len(means) and hist[1].sum() == accurate.sum()
+  from_hist = metrics.conditional_correctness_from_histogram(hist)
+  direct = metrics.patch_conditional_correctness(u, correct, patch=4, valid=valid)
+  for i, t in enumerate(metrics.REFERENCE_THRESHOLDS):
+    for key, value in loop_conditional_correctness(means, accurate, t).items():
+      assert from_hist[key][i] == pytest.approx(value, nan_ok=True), (key, t)
+      assert direct[key][i] == pytest.approx(value, nan_ok=True), (key, t)
+
+
+def test_patch_of_one_pixel_is_the_pixel_metric():
+  rng = np.random.default_rng(9)
+  u = rng.random((2, 7, 9)).astype(np.float32)
+  correct, valid = rng.random(u.shape) < 0.6, rng.random(u.shape) < 0.8
+  args = jnp.asarray(u), jnp.asarray(correct), jnp.asarray(valid)
+  np.testing.assert_array_equal(metrics.patch_uncertainty_histogram(*args, patch=1),
+                                metrics.uncertainty_histogram(*args))
+  patched = metrics.patch_conditional_correctness(u, correct, patch=1, valid=valid)
+  pixels = metrics.conditional_correctness(u[valid], correct[valid])
+  for key in pixels:
+    np.testing.assert_array_equal(patched[key], pixels[key], err_msg=key)
+
+
+def per_image_data(rng):
+  """Images with undefined ratios: all correct (no inaccurate pixel), all certain only above
+  t = 0.5, no valid pixel; nobody is certain at t = 0.01. Half the values on bin edges."""
+  u = (0.01 + 0.99 * rng.random((5, 9, 11))).astype(np.float32)
+  u = np.where(rng.random(u.shape) < 0.5, np.round(u * 1000) / 1000, u).astype(np.float32)
+  correct, valid = rng.random(u.shape) < 1 - u, rng.random(u.shape) < 0.9
+  correct[1] = True
+  u[2], correct[2] = 0.5 + u[2] / 2, True
+  valid[3] = False
+  return u, correct, valid
+
+
+def loop_per_image(u, correct, valid, undefined_as_zero):
+  """conditional_correctness image by image, then a mean (undefined as 0) or a nanmean."""
+  rows = [metrics.conditional_correctness(u[i][valid[i]], correct[i][valid[i]])
+          for i in range(len(u)) if valid[i].any()]
+  out = {}
+  for key in metrics.PER_IMAGE_METRICS:
+    values = np.array([row[key] for row in rows])
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-nan column
+      out[key] = np.nan_to_num(values).mean(0) if undefined_as_zero else np.nanmean(values, 0)
+  return out
+
+
+def test_per_image_means_against_a_per_image_loop():
+  u, correct, valid = per_image_data(np.random.default_rng(10))
+  sums = np.asarray(metrics.per_image_sums(jnp.asarray(u), jnp.asarray(correct),
+                                           jnp.asarray(valid)))
+  assert sums.shape == (2, 4, 50)
+  np.testing.assert_array_equal(sums[1, 2], 4)  # PAvPU: every image with a valid pixel
+  for zero in (True, False):
+    out = metrics.per_image_conditional_correctness(sums, undefined_as_zero=zero)
+    expected = loop_per_image(u, correct, valid, zero)
+    for key in metrics.PER_IMAGE_METRICS:
+      np.testing.assert_allclose(out[key], expected[key], rtol=1e-6, err_msg=f"{key} {zero}")
+  nanmean = metrics.per_image_conditional_correctness(sums, undefined_as_zero=False)
+  assert np.isnan(nanmean["p_accurate_given_certain"][0])  # no image is certain at t = 0.01
+  empty = metrics.per_image_conditional_correctness(np.zeros((2, 4, 50)))
+  assert all(np.isnan(v).all() for v in empty.values())
+
+
+def test_per_image_sums_jit_and_refuse_thresholds_off_the_edges():
+  u, correct, valid = per_image_data(np.random.default_rng(11))
+  thresholds = np.array([0.0, 0.25, 0.5, 1.0])
+  jitted = jax.jit(functools.partial(metrics.per_image_sums, thresholds=thresholds))
+  np.testing.assert_array_equal(jitted(u, correct, valid), metrics.per_image_sums(
+      jnp.asarray(u), jnp.asarray(correct), jnp.asarray(valid), thresholds))
+  with pytest.raises(ValueError, match="bin edges"):
+    metrics.per_image_sums(jnp.asarray(u), jnp.asarray(correct), jnp.asarray(valid),
+                           np.array([0.0105]))
+
+
+_patch_histogram = jax.jit(metrics.patch_uncertainty_histogram, static_argnames="patch")
+_fine_histogram = jax.jit(lambda u, correct, valid: metrics.calibration_histogram(
+    1 - u, correct, valid, metrics.FINE_CALIBRATION_BINS))
+_per_image_sums = jax.jit(metrics.per_image_sums)  # default thresholds
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
+def test_new_accumulators_merge_by_addition(seed, decimals, split, patch):
+  """Summing the accumulators of two parts of a batch gives that of the whole (fixed shapes,
+  so each jitted accumulator compiles once per part size)."""
+  rng = np.random.default_rng(seed)
+  u = np.round(rng.random((4, 8, 9)), decimals).astype(np.float32)  # ties and bin edges
+  correct, valid = rng.random(u.shape) < 1 - u, rng.random(u.shape) < 0.8
+
+  def both(fn):
+    parts = [fn(u[s], correct[s], valid[s]) for s in (slice(0, split), slice(split, None))]
+    return np.asarray(fn(u, correct, valid), np.float64), sum(np.asarray(p, np.float64)
+                                                              for p in parts)
+
+  whole, halves = both(functools.partial(_patch_histogram, patch=patch))
+  np.testing.assert_array_equal(whole, halves)
+  for fn, counts in ((_fine_histogram, 0), (_per_image_sums, 1)):  # counts exact, sums close
+    whole, halves = both(fn)
+    np.testing.assert_array_equal(whole[counts], halves[counts])
+    np.testing.assert_allclose(whole, halves, rtol=1e-6, atol=1e-6)
