@@ -115,7 +115,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.eval.batch_size = 4 if small else 16
     config.eval.mc_dropout_passes = (2,) if small else (2, 10)
     config.eval.corruptions = (("gaussian_noise", "fog") if small else
-                               ("gaussian_noise", "defocus_blur", "fog", "contrast"))
+                               ("gaussian_noise", "defocus_blur", "fog"))
     config.eval.severities = (1, 5) if small else (1, 2, 3, 4, 5)
     config.eval.corruption_frames_per_part = 2 if small else 8
     config.data.data_dir = "{workdir}/data/a2d2_synthetic"

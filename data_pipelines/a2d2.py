@@ -411,7 +411,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
   builder = prepare(data_dir, split_dir=split_dir, tfds_dir=tfds_dir)
   examples = builder.as_dataset(
       split=resolve_split(split, builder), shuffle_files=train,
-      read_config=transforms.read_config(seed),
+      read_config=transforms.read_config(seed, train),
       decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
   return transforms.stream(examples, image_size=image_size, batch_size=batch_size,
                            train=train, seed=seed, shuffle_buffer=shuffle_buffer, start=start,

@@ -218,7 +218,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
   builder = prepare(data_dir, tfds_dir=tfds_dir)
   # Undecoded PNGs keep the shuffle buffer small; `transforms.stream` decodes in parallel.
   records = builder.as_dataset(
-      split=tfds_split, shuffle_files=train, read_config=transforms.read_config(seed),
+      split=tfds_split, shuffle_files=train, read_config=transforms.read_config(seed, train),
       decoders={"image_left": tfds.decode.SkipDecoding(),
                 "segmentation_label": tfds.decode.SkipDecoding()})
 

@@ -15,14 +15,17 @@ import tensorflow_datasets as tfds
 IGNORE_LABEL = 255
 
 
-def read_config(seed: int) -> tfds.ReadConfig:
+def read_config(seed: int, train: bool) -> tfds.ReadConfig:
   """TFDS read options for `stream`: the file order is seeded and the same every epoch.
 
   `stream` reshuffles the examples per epoch itself (from the seed and the epoch number);
   TFDS's own per-iteration file reshuffle would make epoch e depend on how many epochs this
   dataset object has already served, so a resumed stream would not continue the original.
+  An evaluation pass reads its dataset once (and may stop early), so TFDS's in-memory
+  auto-cache, which helps training epochs, is off for it.
   """
-  return tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False)
+  return tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
+                         try_autocache=train)
 
 
 def resize_pair(image: tf.Tensor, label: tf.Tensor, size: Sequence[int]):
