@@ -146,7 +146,8 @@ def write(workdir: str | Path) -> Path:
     used = thresholds[_nearest(thresholds, OPERATING_POINT)]
     lines += ["", f"## Conditional correctness on `{split}` (%, t = {used:g}; "
               "pooled over pixels; PAvPU area = mean over the sweep; per-image mean = the "
-              "reference's averaging; patches = Mukhoti & Gal's, accurate if ≥ 50% of its "
+              "reference's averaging, equal to the pooled PAvPU when every image has as many "
+              "labelled pixels; patches = Mukhoti & Gal's, accurate if ≥ 50% of its "
               "pixels are)", ""]
     lines += _table(["method", "measure", "p(accurate\\|certain)", "p(uncertain\\|inaccurate)",
                      "PAvPU", "PAvPU area", "PAvPU per-image mean", "PAvPU patches"],

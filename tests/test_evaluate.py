@@ -1,0 +1,69 @@
+"""Evaluation pieces that the end-to-end CLI test does not pin down by value."""
+
+import importlib.util
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import evaluate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def smoke_config():
+  spec = importlib.util.spec_from_file_location("a2d2", CONFIGS / "a2d2.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("smoke")
+
+
+def test_gate_statistics_of_a_simple_gate_count_labelled_images():
+  gates = jnp.array([[0.0, 1.0], [0.52, 0.48], [0.3, 0.7]])  # [B=3, K=2]
+  valid = np.ones((3, 2, 2), bool)
+  valid[2] = False  # an all-padding image is not counted
+  stats = evaluate._gate_statistics(gates, jnp.asarray(valid))
+  expected = np.zeros((2, 20), int)
+  expected[0, [0, 10]] = 1  # 0.0 -> bin 0, 0.52 -> bin 10
+  expected[1, [19, 9]] = 1  # 1.0 -> the last (closed) bin, 0.48 -> bin 9
+  np.testing.assert_array_equal(stats["gate_histogram"], expected)
+  np.testing.assert_allclose(stats["gate_sum"], [0.52, 1.48], rtol=1e-6)
+
+
+def test_gate_statistics_of_a_classwise_gate_count_labelled_pixels():
+  gates = jnp.array([[[[0.1, 0.9], [0.96, 0.04]]]])  # [B=1, H=1, W=2, K=2]
+  valid = jnp.array([[[True, False]]])
+  stats = evaluate._gate_statistics(gates, valid)
+  assert stats["gate_histogram"].sum() == 2  # one pixel, one count per expert
+  assert stats["gate_histogram"][0, 2] == 1 and stats["gate_histogram"][1, 18] == 1
+  np.testing.assert_allclose(stats["gate_sum"], [0.1, 0.9], rtol=1e-6)
+
+
+def test_corrupted_splits_are_named_by_corruption_and_severity():
+  config = smoke_config()
+  assert list(evaluate.corrupted_splits(config)) == [
+      "all_test:clean:0", "all_test:gaussian_noise:1", "all_test:gaussian_noise:5",
+      "all_test:fog:1", "all_test:fog:5"]
+  assert evaluate.corrupted_splits(config)["all_test:fog:5"] == ("fog", 5)
+  config.eval.corruption_frames_per_part = 0  # every frame: no separate clean subset
+  assert "all_test:clean:0" not in evaluate.corrupted_splits(config)
+  config.eval.corruptions = ()
+  assert evaluate.corrupted_splits(config) == {}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("corruptions", ("rain",), r"eval.corruptions names unknown corruptions \['rain'\]"),
+    ("severities", (0, 6), r"eval.severities=\(0, 6\) must be values in 1..5"),
+    ("corruption_split", "all_val", "eval.corruption_split='all_val' must be one of"),
+])
+def test_bad_corruption_config(key, value, message):
+  config = smoke_config()
+  config.eval[key] = value
+  with pytest.raises(ValueError, match=message):
+    evaluate.corrupted_splits(config)
+
+
+def test_mean_or_none():
+  assert evaluate.mean_or_none([0.25, 0.75]) == 0.5
+  assert evaluate.mean_or_none([0.25, None]) is None
