@@ -86,7 +86,13 @@ def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
   and "expert_<k>" (another MoE around the same experts already gave them).
   """
   del key
-  out = moe(images)
+  return mixture_outputs(moe(images), members=members, experts=experts)
+
+
+def mixture_outputs(out: dict[str, jax.Array], *, members: str = "weighted",
+                    experts: bool = True) -> dict[str, Output]:
+  """`mixture` from the MoE's forward output ({"logits", "expert_logits",
+  "gate_weights"}, see `MixtureOfExperts`), however it was computed."""
   expert_probs = uncertainty.probabilities(out["expert_logits"])  # [K,B,H,W,C]
   gates = out["gate_weights"]  # [B,K] or [B,C,K]
   fused = single_output(out["logits"])

@@ -1,4 +1,10 @@
-"""Shared fixtures: a small synthetic A2D2 tree, generated once per test session."""
+"""Shared fixtures: a small synthetic A2D2 tree, generated once per test session; the
+command line as a subprocess."""
+
+import os
+from pathlib import Path
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -16,3 +22,18 @@ def a2d2_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("a2d2") / "raw"
   return synthetic.generate(root, num_train=8, num_val=3, num_test=4, image_size=(48, 80),
                             seed=0)
+
+
+@pytest.fixture(scope="session")
+def run_main():
+  """`run_main(*args, workdir=..., env=None) -> (returncode, stdout, stderr)` of
+  `python -m moe_jax.main` in the repository, as a user runs it."""
+  repo = Path(__file__).resolve().parents[1]
+
+  def run(*args, workdir, env=None):
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_jax.main", f"--workdir={workdir}", *args],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+        env=None if env is None else {**os.environ, **env})
+    return result.returncode, result.stdout, result.stderr
+  return run

@@ -1,25 +1,10 @@
-"""The command line, run as a user runs it (subprocesses)."""
+"""The whole pipeline from the command line, run as a user runs it (subprocesses)."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_main(*args, workdir, env=None):
-  result = subprocess.run(
-      [sys.executable, "-m", "moe_jax.main", f"--workdir={workdir}", *args],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=None if env is None else {**os.environ, **env})
-  return result.returncode, result.stdout, result.stderr
-
 
 METHODS = {"expert_highway", "expert_urban", "ensemble", "moe_simple", "moe_classwise",
            "baseline", "deep_ensemble", "mc_dropout_2"}
@@ -34,7 +19,7 @@ TRAINED = ("experts", "baseline", "deep_ensemble", "gate_simple", "gate_classwis
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, run_main):
   """The whole smoke pipeline with a 2-member deep ensemble, run once for the tests below."""
   workdir = tmp_path_factory.mktemp("smoke") / "run"
   # Compiled programs are cached on disk, so the reruns below skip XLA's compile time.
@@ -46,7 +31,7 @@ def smoke_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
+def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_main):
   workdir, out, _ = smoke_run
   for stage in TRAINED:
     assert f"{stage}: done in" in out
@@ -112,7 +97,7 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run):
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages_and_reproduces_the_results(smoke_run):
+def test_rerun_skips_finished_stages_and_reproduces_the_results(smoke_run, run_main):
   workdir, _, env = smoke_run
   before = json.loads((workdir / "results.json").read_text())
   code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, workdir=workdir,
@@ -124,80 +109,10 @@ def test_rerun_skips_finished_stages_and_reproduces_the_results(smoke_run):
 
 
 @pytest.mark.slow
-def test_rerun_with_another_config_is_refused_before_anything_runs(smoke_run):
+def test_rerun_with_another_config_is_refused_before_anything_runs(smoke_run, run_main):
   workdir, _, env = smoke_run
   code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
                             "--config.train.experts.epochs=3", workdir=workdir, env=env)
   assert code != 0 and "experts:" not in out
   assert err.strip().splitlines()[-1].startswith(
       "error: config key train.experts.epochs=3 differs from the run in ")
-
-
-@pytest.mark.slow
-def test_a_stage_before_its_inputs_exist_says_what_to_run(tmp_path):
-  code, _, err = run_main("--config=configs/a2d2.py:smoke", "--stages=gate",
-                          workdir=tmp_path)
-  assert code != 0
-  last = err.strip().splitlines()[-1]
-  assert last.startswith("error: stage 'experts' has not finished in ") and \
-      "run it first (--stages=experts)" in last, last
-
-
-@pytest.mark.slow
-def test_smoke_preset_prepares_the_data_and_saves_the_config(tmp_path):
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", "--stages=data",
-                            workdir=tmp_path)
-  assert code == 0, err[-2000:]
-  assert "all_train            16 frames" in out
-  assert "ambiguous_test        4 frames" in out
-  config = json.loads((tmp_path / "config.json").read_text())
-  assert config["data"]["data_dir"] == f"{tmp_path}/data/a2d2_synthetic"
-  assert (tmp_path / "data" / "a2d2_synthetic" / "class_list.json").is_file()
-  # A rerun reuses the generated tree and the shards.
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", "--stages=data",
-                            workdir=tmp_path)
-  assert code == 0 and "all_train            16 frames" in out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--config=configs/a2d2.py:smoke", "--config.data.colour=1"],
-     "error: unknown config key 'colour' on the command line"),
-    (["--config=configs/a2d2.py:smoke", "--config.seed=one"],
-     "error: bad command line: flag --config.seed=one: invalid literal for int()"),
-    (["--config=configs/a2d2.py:huge"], "error: bad command line: ValueError: "
-     "configs/a2d2.py: unknown preset 'huge'"),
-    (["--config=configs/a2d2.py"], "error: config key data.data_dir is empty; set "
-     "--config.data.data_dir=/path/to/a2d2, or run the demo with --config "
-     "configs/a2d2.py:synthetic"),
-    (["--config=configs/a2d2.py", "--config.data.data_dir=/no/such/a2d2"],
-     "error: A2D2 data dir /no/such/a2d2 does not exist"),
-    (["--config=configs/a2d2.py:smoke", "--config.data.image_size=(32,)"],
-     "error: config key data.image_size=(32,) must be two positive ints"),
-    (["--config=configs/a2d2.py:smoke", "--config.data.image_size=(40,48)"],
-     "error: config key data.image_size=(40, 48) must be multiples of 16"),
-    (["--config=configs/a2d2.py:smoke", "--config.train.experts.optimizer.name=lion",
-      "--stages=experts"], "error: config key train.experts.optimizer.name='lion'; use 'sgd'"),
-    (["--config=configs/a2d2.py:smoke", "--config.train.baseline.batch_size=64",
-      "--stages=baseline"], "error: config key train.baseline.batch_size=64 is larger than"),
-    (["--config=configs/a2d2.py:smoke", "--config.model.gates=('simple','fancy')"],
-     "error: config key model.gates=('simple', 'fancy') must name distinct gate types"),
-    (["--config=configs/a2d2.py:smoke", "--config.eval.corruptions=('rain',)"],
-     "error: config key eval.corruptions names unknown corruptions ['rain']"),
-    (["--config=configs/a2d2.py:smoke", "--stages=data,dance"],
-     "error: unknown stage(s) dance; the stages: data, experts, baseline"),
-])
-def test_bad_input_gives_one_clear_line(tmp_path, args, message):
-  code, out, err = run_main(*args, workdir=tmp_path / "run")
-  assert code != 0
-  last = err.strip().splitlines()[-1]
-  assert last.startswith(message), last
-  assert "Traceback" not in err
-
-
-def test_unwritable_workdir(tmp_path):
-  blocker = tmp_path / "file"
-  blocker.write_text("")
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=blocker / "run")
-  assert code != 0
-  assert err.strip().splitlines()[-1].startswith(f"error: cannot create workdir {blocker}/run")

@@ -106,7 +106,11 @@ class MixtureOfExperts(nnx.Module):
     self.fusion_conv = conv(num_classes, num_classes, 3, rngs=rngs) if fusion_conv else None
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-    expert_logits, aspp = jax.lax.stop_gradient(self.experts(images))
+    return self.combine(*jax.lax.stop_gradient(self.experts(images)))
+
+  def combine(self, expert_logits: jax.Array, aspp: jax.Array) -> dict[str, jax.Array]:
+    """The gate and the fusion on the experts' outputs (logits [K,B,H,W,C], aspp
+    [K,B,H/16,W/16,A]), however they were computed; returns what `__call__` does."""
     k, b, h, w, a = aspp.shape
     features = aspp.transpose(1, 2, 3, 0, 4).reshape(b, h, w, k * a)  # expert-major channels
     weights = self.gate(features)

@@ -1,0 +1,79 @@
+"""The command line's errors and its data stage, run as a user runs them (subprocesses).
+
+Apart from tests/test_main.py (the whole pipeline), so pytest-xdist runs the two files on
+different workers.
+"""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_a_stage_before_its_inputs_exist_says_what_to_run(run_main, tmp_path):
+  code, _, err = run_main("--config=configs/a2d2.py:smoke", "--stages=gate",
+                          workdir=tmp_path)
+  assert code != 0
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: stage 'experts' has not finished in ") and \
+      "run it first (--stages=experts)" in last, last
+
+
+@pytest.mark.slow
+def test_smoke_preset_prepares_the_data_and_saves_the_config(run_main, tmp_path):
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", "--stages=data",
+                            workdir=tmp_path)
+  assert code == 0, err[-2000:]
+  assert "all_train            16 frames" in out
+  assert "ambiguous_test        4 frames" in out
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["data"]["data_dir"] == f"{tmp_path}/data/a2d2_synthetic"
+  assert (tmp_path / "data" / "a2d2_synthetic" / "class_list.json").is_file()
+  # A rerun reuses the generated tree and the shards.
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", "--stages=data",
+                            workdir=tmp_path)
+  assert code == 0 and "all_train            16 frames" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/a2d2.py:smoke", "--config.data.colour=1"],
+     "error: unknown config key 'colour' on the command line"),
+    (["--config=configs/a2d2.py:smoke", "--config.seed=one"],
+     "error: bad command line: flag --config.seed=one: invalid literal for int()"),
+    (["--config=configs/a2d2.py:huge"], "error: bad command line: ValueError: "
+     "configs/a2d2.py: unknown preset 'huge'"),
+    (["--config=configs/a2d2.py"], "error: config key data.data_dir is empty; set "
+     "--config.data.data_dir=/path/to/a2d2, or run the demo with --config "
+     "configs/a2d2.py:synthetic"),
+    (["--config=configs/a2d2.py", "--config.data.data_dir=/no/such/a2d2"],
+     "error: A2D2 data dir /no/such/a2d2 does not exist"),
+    (["--config=configs/a2d2.py:smoke", "--config.data.image_size=(32,)"],
+     "error: config key data.image_size=(32,) must be two positive ints"),
+    (["--config=configs/a2d2.py:smoke", "--config.data.image_size=(40,48)"],
+     "error: config key data.image_size=(40, 48) must be multiples of 16"),
+    (["--config=configs/a2d2.py:smoke", "--config.train.experts.optimizer.name=lion",
+      "--stages=experts"], "error: config key train.experts.optimizer.name='lion'; use 'sgd'"),
+    (["--config=configs/a2d2.py:smoke", "--config.train.baseline.batch_size=64",
+      "--stages=baseline"], "error: config key train.baseline.batch_size=64 is larger than"),
+    (["--config=configs/a2d2.py:smoke", "--config.model.gates=('simple','fancy')"],
+     "error: config key model.gates=('simple', 'fancy') must name distinct gate types"),
+    (["--config=configs/a2d2.py:smoke", "--config.eval.corruptions=('rain',)"],
+     "error: config key eval.corruptions names unknown corruptions ['rain']"),
+    (["--config=configs/a2d2.py:smoke", "--stages=data,dance"],
+     "error: unknown stage(s) dance; the stages: data, experts, baseline"),
+])
+def test_bad_input_gives_one_clear_line(run_main, tmp_path, args, message):
+  code, out, err = run_main(*args, workdir=tmp_path / "run")
+  assert code != 0
+  last = err.strip().splitlines()[-1]
+  assert last.startswith(message), last
+  assert "Traceback" not in err
+
+
+def test_unwritable_workdir(run_main, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=blocker / "run")
+  assert code != 0
+  assert err.strip().splitlines()[-1].startswith(f"error: cannot create workdir {blocker}/run")
