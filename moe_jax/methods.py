@@ -155,10 +155,12 @@ def mc_dropout_probs(model: nnx.Module, images: jax.Array, key: jax.Array,
     low, features = model.encode(images)
     return jax.vmap(head, in_axes=(None, None, 0))(low, features, keys)
 
-  def full(k):
-    low, features = nnx.merge(graphdef, state).encode(images)
+  def full(x, k):
+    low, features = nnx.merge(graphdef, state).encode(x)
     return head(low, features, k)
-  return jax.vmap(full)(keys)
+  # Each pass gets its own copy of the images: vmap would otherwise see that the encoder
+  # does not depend on the key and run it once, which is the shared-encoder form.
+  return jax.vmap(full)(jnp.broadcast_to(images, (passes, *images.shape)), keys)
 
 
 def mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,

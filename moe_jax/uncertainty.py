@@ -24,6 +24,8 @@ differences to the first member, so identical members give EV = 0 exactly.
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -73,6 +75,15 @@ def add_member(moments: Moments, probs: jax.Array, weight: jax.Array | float = 1
                  moments.square + w * d * d, moments.member_entropy + weight * entropy(probs))
 
 
+def sum_members(x: jax.Array) -> jax.Array:
+  """Σ over the leading (member) axis as S − 1 explicit adds of slices.
+
+  Same value as jnp.sum(x, 0), but XLA on CPU reduces a leading axis ~10x slower than it
+  adds slices (measured: 136 ms against 13.5 ms for [2, 16, 96, 160, 38] float32).
+  """
+  return functools.reduce(operator.add, [x[s] for s in range(x.shape[0])])
+
+
 def moments(probs: jax.Array, weights: jax.Array | None = None) -> Moments:
   """All members at once: probs [S, ..., C], weights [S, ...] (broadcastable) or None."""
   probs = probs.astype(jnp.float32)
@@ -81,8 +92,8 @@ def moments(probs: jax.Array, weights: jax.Array | None = None) -> Moments:
   weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), probs.shape[:-1])
   d = probs - probs[0]
   w = weights[..., None]
-  return Moments(probs[0], jnp.sum(weights, 0), jnp.sum(w * d, 0), jnp.sum(w * d * d, 0),
-                 jnp.sum(weights * entropy(probs), 0))
+  return Moments(probs[0], sum_members(weights), sum_members(w * d), sum_members(w * d * d),
+                 sum_members(weights * entropy(probs)))
 
 
 def mean_probs(m: Moments) -> jax.Array:

@@ -13,6 +13,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from moe_jax import uncertainty
 from moe_jax.models.backbone import conv
 
 
@@ -63,6 +64,7 @@ def fuse(expert_logits: jax.Array, weights: jax.Array) -> jax.Array:
   Returns:
     [B, H, W, C].
   """
-  if weights.ndim == 2:
-    return jnp.einsum("kbhwc,bk->bhwc", expert_logits, weights)
-  return jnp.einsum("kbhwc,bck->bhwc", expert_logits, weights)
+  # [K, B, 1, 1, 1] or [K, B, 1, 1, C]; summed slice by slice (see sum_members).
+  per_pixel = (weights.T[:, :, None, None, None] if weights.ndim == 2 else
+               jnp.moveaxis(weights, -1, 0)[:, :, None, None, :])
+  return uncertainty.sum_members(expert_logits * per_pixel)

@@ -1,0 +1,373 @@
+"""Uncertainty throughput: the MoE against MC dropout and ensembles, and how close to peak.
+
+  python -m benchmarks.throughput --config configs/a2d2.py:synthetic --out bench.json
+
+Every row uses the config's backbone (model section), image size (data.image_size) and
+batch (eval.batch_size), with random weights (throughput does not depend on training).
+Each row's program is compiled once (compile time reported apart), warmed up, then timed
+over repetitions with block_until_ready; images/s is the median, with the range. FLOPs per
+image come from XLA's cost analysis of the compiled program(s); the peak is the best rate
+of a large matmul in the same dtype on the same device in the same run, and
+fraction_of_peak = achieved FLOP/s / peak. `--quick` shortens the repetitions, never the
+rows. Writes bench.json and bench.md (the printed table) side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from absl import app, flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from benchmarks import input_pipeline as pipeline_benchmark
+from moe_jax import methods, train, uncertainty
+from moe_jax.models import build
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/a2d2.py:synthetic.", lock_config=True)
+_OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON (and .md beside).")
+_QUICK = flags.DEFINE_bool("quick", False, "Fewer repetitions (every row still runs).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype of weights and images (bfloat16 for GPU/TPU).")
+_EXPERTS = flags.DEFINE_list("experts", ["2", "4", "8"], "Numbers of experts K.")
+_PASSES = flags.DEFINE_list("passes", ["2", "10", "20"], "MC-dropout passes T.")
+_CACHE = flags.DEFINE_string("cache", str(Path(tempfile.gettempdir()) / "moe_jax_bench"),
+                             "Generated frames and shards for the input-pipeline row.")
+flags.mark_flags_as_required(["config"])
+
+MAPS = ("prediction",) + methods.MEASURES
+
+
+@dataclasses.dataclass
+class Program:
+  """A compiled row: `call()` runs it once (async); FLOPs are per call."""
+  call: Callable[[], Any]
+  compile_seconds: float
+  flops: float
+
+
+def compile_program(fn: Callable, *args) -> tuple[Callable, float, float]:
+  """jit-compiles fn for args: (compiled, seconds to lower and compile, XLA's FLOPs)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  seconds = time.perf_counter() - start
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
+    analysis = analysis[0] if analysis else {}
+  return compiled, seconds, float((analysis or {}).get("flops", float("nan")))
+
+
+def module_program(module: nnx.Module, fn: Callable, *args) -> Program:
+  """`fn(module, *args)` as one compiled program over the module's state."""
+  graphdef, state = nnx.split(module)
+  compiled, seconds, flops = compile_program(
+      lambda state, *a: fn(nnx.merge(graphdef, state), *a), state, *args)
+  return Program(lambda: compiled(state, *args), seconds, flops)
+
+
+def maps(output: methods.Output) -> dict[str, jax.Array]:
+  """The prediction and the uncertainty maps of an output (what a user keeps)."""
+  return {name: output[name] for name in MAPS if name in output}
+
+
+def cast(tree, dtype):
+  """Floating leaves of `tree` to dtype (weights, BatchNorm statistics, images)."""
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                      else a, tree)
+
+
+def in_dtype(module: nnx.Module, dtype) -> nnx.Module:
+  module.eval()
+  if dtype != jnp.float32:
+    nnx.update(module, cast(nnx.state(module), dtype))
+  return module
+
+
+# --------------------------------------------------------------------------- the rows
+
+def single_program(config, images, dtype) -> Program:
+  """One DeepLabv3+ forward to its prediction."""
+  model = in_dtype(build.baseline(config), dtype)
+  return module_program(model, lambda m, x: jnp.argmax(m(x)[0], -1), images)
+
+
+def moe_program(config, images, dtype, *, experts: int, uncertainty_maps: bool,
+                stacked: bool) -> Program:
+  """The simple-gate MoE: prediction, and with uncertainty_maps its PE, MI, EV and GE.
+
+  stacked: one program over the stacked experts (config.model.expert_execution); else a
+  Python loop calling one separately compiled expert program K times, then a compiled
+  gate + fusion (+ maps) program.
+  """
+  moe = in_dtype(build.mixture(config, build.experts(config, experts), "simple"), dtype)
+
+  def finish(out):
+    if uncertainty_maps:
+      return maps(methods.mixture_outputs(out, experts=False)["moe"])
+    return jnp.argmax(out["logits"], -1)
+
+  if stacked:
+    return module_program(moe, lambda m, x: finish(m(x)), images)
+  graphdef, state = nnx.split(moe.experts.members)
+  members = [jax.tree.map(lambda a, k=k: a[k], state) for k in range(experts)]
+  expert, expert_seconds, expert_flops = compile_program(
+      lambda s, x: nnx.merge(graphdef, s)(x), members[0], images)
+  outs = [expert(s, images) for s in members]
+  moe_graphdef, moe_state = nnx.split(moe)
+  head, head_seconds, head_flops = compile_program(
+      lambda s, logits, aspp: finish(nnx.merge(moe_graphdef, s).combine(
+          jnp.stack(logits), jnp.stack(aspp))),
+      moe_state, [o[0] for o in outs], [o[1] for o in outs])
+
+  def call():
+    outs = [expert(s, images) for s in members]
+    return head(moe_state, [o[0] for o in outs], [o[1] for o in outs])
+  return Program(call, expert_seconds + head_seconds, experts * expert_flops + head_flops)
+
+
+def ensemble_program(config, images, dtype, *, experts: int) -> Program:
+  """K stacked members, uniform: prediction, PE, MI, EV."""
+  members = in_dtype(build.experts(config, experts), dtype)
+  return module_program(
+      members, lambda m, x: maps(methods.members_output(
+          uncertainty.probabilities(m(x)[0]))), images)
+
+
+def mc_dropout_program(config, images, dtype, *, passes: int, shared_encoder: bool) -> Program:
+  """T stochastic passes of the baseline (one backbone pass + T heads, or T full passes):
+  prediction, PE, MI, EV."""
+  model = in_dtype(build.baseline(config), dtype)
+  key = jax.random.key(0)
+  return module_program(
+      model, lambda m, x, k: maps(methods.members_output(methods.mc_dropout_probs(
+          m, x, k, passes, shared_encoder=shared_encoder))), images, key)
+
+
+def row_cases(experts: list[int], passes: list[int]) -> list[tuple[dict, Callable]]:
+  """(row keys, program builder(config, images, dtype)) for every row, in table order."""
+  cases = [({"method": "single"}, single_program)]
+  for k in experts:
+    for stacked in (True, False):
+      for maps_on in (False, True):
+        cases.append(({"method": "moe", "experts": k, "uncertainty": maps_on,
+                       "stacked": stacked},
+                      lambda c, x, d, k=k, s=stacked, u=maps_on: moe_program(
+                          c, x, d, experts=k, uncertainty_maps=u, stacked=s)))
+  for k in experts:
+    cases.append(({"method": "ensemble", "experts": k, "uncertainty": True},
+                  lambda c, x, d, k=k: ensemble_program(c, x, d, experts=k)))
+  for t in passes:
+    for shared in (True, False):
+      cases.append(({"method": "mc_dropout", "passes": t, "shared_encoder": shared,
+                     "uncertainty": True},
+                    lambda c, x, d, t=t, s=shared: mc_dropout_program(
+                        c, x, d, passes=t, shared_encoder=s)))
+  return cases
+
+
+# --------------------------------------------------------------------------- measuring
+
+def time_calls(call: Callable[[], Any], *, warmup: int, repetitions: int) -> list[float]:
+  """Seconds of each timed call, each waited for with block_until_ready."""
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  seconds = []
+  for _ in range(repetitions):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
+def peak_gflops(dtype, *, repetitions: int) -> dict:
+  """The best GFLOP/s of an n×n matmul (n = 2048 on CPU, 8192 on accelerators)."""
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32).astype(dtype)
+          for i in (1, 2))
+  matmul, _, _ = compile_program(jnp.matmul, a, b)
+  seconds = time_calls(lambda: matmul(a, b), warmup=2, repetitions=repetitions)
+  return {"peak_gflops": 2 * n**3 / min(seconds) / 1e9, "matmul_size": n}
+
+
+def measure_row(keys: dict, program: Program, batch: int, peak: float, *, warmup: int,
+                repetitions: int) -> dict:
+  seconds = time_calls(program.call, warmup=warmup, repetitions=repetitions)
+  rates = [batch / s for s in seconds]
+  median = statistics.median(rates)
+  gflops_per_image = program.flops / batch / 1e9
+  return {**keys, "images_per_sec": median, "images_per_sec_min": min(rates),
+          "images_per_sec_max": max(rates), "ms_per_batch": 1e3 * statistics.median(seconds),
+          "gflops_per_image": gflops_per_image, "achieved_gflops": gflops_per_image * median,
+          "fraction_of_peak": gflops_per_image * median / peak,
+          "compile_seconds": program.compile_seconds}
+
+
+def training_rate(config, dtype, *, repetitions: int) -> dict:
+  """Images/s one expert-stage training step consumes (K experts, each its own batch)."""
+  section = config.train.experts
+  num = len(config.data.experts) if config.data.name == "a2d2" else 2
+  members = build.experts(config, num)
+  if dtype != jnp.float32:
+    nnx.update(members, cast(nnx.state(members), dtype))
+  optimizer = nnx.Optimizer(members, train.make_optimizer(section.optimizer, 1000,
+                                                          key="train.experts.optimizer"),
+                            wrt=nnx.Param)
+  shape = (num, section.batch_size, *config.data.image_size)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (*shape, 3), np.uint8)),
+           "label": jnp.asarray(rng.integers(0, config.data.num_classes, shape, np.uint8))}
+  seconds = time_calls(lambda: train.train_step(train.expert_loss, members, optimizer, batch),
+                       warmup=2, repetitions=repetitions)
+  return {"images_per_sec": num * section.batch_size / statistics.median(seconds),
+          "experts": num, "batch_size": section.batch_size}
+
+
+def pipeline_rate(config, *, batches: int) -> dict:
+  """Images/s of the A2D2 training input pipeline at the config's image size, on generated
+  frames of the synthetic preset's size (or A2D2's native 1208×1920)."""
+  synthetic = config.data.get("synthetic")
+  frame_size = tuple(synthetic.image_size) if synthetic else (1208, 1920)
+  case = dict(frame_size=frame_size, image_size=tuple(config.data.image_size),
+              num_train=64 if synthetic else 24)
+  batch_size = config.train.experts.batch_size
+  return {**pipeline_benchmark.measure(case, Path(_CACHE.value), batch_size, batches),
+          "frame_size": list(frame_size), "batch_size": batch_size}
+
+
+# --------------------------------------------------------------------------- the report
+
+def _row(rows: list[dict], **keys) -> dict:
+  return next(r for r in rows if all(r.get(k) == v for k, v in keys.items()))
+
+
+def goals(rows: list[dict]) -> dict:
+  """The issue's four targets, as measured ratios (present when their rows are)."""
+  found = {}
+
+  def add(name, target, compute, above=True):
+    try:
+      value = compute()
+    except StopIteration:
+      return
+    found[name] = {"value": value, "target": target, "at_least": above,
+                   "met": value >= target if above else value <= target}
+
+  add("mc_dropout_shared_vs_naive_T10", 3.0,
+      lambda: _row(rows, method="mc_dropout", passes=10, shared_encoder=True)["images_per_sec"]
+      / _row(rows, method="mc_dropout", passes=10, shared_encoder=False)["images_per_sec"])
+  add("stacked_vs_loop_K2", 1.3,
+      lambda: _row(rows, method="moe", experts=2, uncertainty=False, stacked=True)[
+          "images_per_sec"] / _row(rows, method="moe", experts=2, uncertainty=False,
+                                   stacked=False)["images_per_sec"])
+  ks = sorted({r["experts"] for r in rows if r["method"] == "moe"})
+  if len(ks) > 1:
+    add(f"cost_growth_K{ks[0]}_to_K{ks[-1]}_over_linear", 1.0,
+        lambda: (_row(rows, method="moe", experts=ks[-1], uncertainty=False, stacked=True)[
+            "ms_per_batch"] / _row(rows, method="moe", experts=ks[0], uncertainty=False,
+                                   stacked=True)["ms_per_batch"]) / (ks[-1] / ks[0]),
+        above=False)
+  add("uncertainty_maps_overhead_K2", 0.10,
+      lambda: _row(rows, method="moe", experts=2, uncertainty=True, stacked=True)[
+          "ms_per_batch"] / _row(rows, method="moe", experts=2, uncertainty=False,
+                                 stacked=True)["ms_per_batch"] - 1.0, above=False)
+  add("moe_K2_uncertainty_fraction_of_peak", 0.5,
+      lambda: _row(rows, method="moe", experts=2, uncertainty=True, stacked=True)[
+          "fraction_of_peak"])
+  return found
+
+
+COLUMNS = ("method", "experts", "passes", "uncertainty", "stacked", "shared_encoder")
+
+
+def markdown(bench: dict) -> str:
+  """The rows and the goals as markdown tables."""
+  def cell(value):
+    if isinstance(value, bool):
+      return "yes" if value else "no"
+    return "" if value is None else str(value)
+
+  lines = [f"Device: {bench['device']} ({bench['backend']}), {bench['dtype']}, batch "
+           f"{bench['batch_size']} at {bench['image_size'][0]}×{bench['image_size'][1]}, "
+           f"{bench['backbone']}; peak {bench['peak_gflops']:.1f} GFLOP/s "
+           f"({bench['matmul_size']}² matmul).", "",
+           "| " + " | ".join(COLUMNS) + " | images/s (median) | min–max | ms/batch | "
+           "GFLOP/image | % of peak | compile s |", "|" + "---|" * (len(COLUMNS) + 6)]
+  for r in bench["rows"]:
+    lines.append("| " + " | ".join(cell(r.get(c)) for c in COLUMNS) +
+                 f" | {r['images_per_sec']:.1f} | {r['images_per_sec_min']:.1f}–"
+                 f"{r['images_per_sec_max']:.1f} | {r['ms_per_batch']:.0f} | "
+                 f"{r['gflops_per_image']:.2f} | {100 * r['fraction_of_peak']:.1f} | "
+                 f"{r['compile_seconds']:.1f} |")
+  lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
+  for name, g in bench["goals"].items():
+    lines.append(f"| {name} | {g['value']:.2f} | {'≥' if g['at_least'] else '≤'} "
+                 f"{g['target']} | {cell(g['met'])} |")
+  pipe, step = bench["input_pipeline"], bench["training_step"]
+  lines += ["", f"Input pipeline: {pipe['images_per_sec']:.1f} images/s (batch "
+            f"{pipe['batch_size']}, frames {pipe['frame_size'][0]}×{pipe['frame_size'][1]}); "
+            f"the expert training step consumes {step['images_per_sec']:.1f} images/s "
+            f"({step['experts']} experts × batch {step['batch_size']})."]
+  return "\n".join(lines) + "\n"
+
+
+def run(config: ml_collections.ConfigDict, *, quick: bool, dtype_name: str,
+        experts: list[int], passes: list[int]) -> dict:
+  """Every row, the peak, the goals and the input-pipeline rates as one dict."""
+  dtype = jnp.dtype(dtype_name)
+  warmup, repetitions = (1, 3) if quick else (2, 10)
+  batch = config.eval.batch_size
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((batch, *config.data.image_size, 3)), dtype)
+  device = jax.devices()[0]
+  bench = {"device": getattr(device, "device_kind", str(device)), "backend": jax.default_backend(),
+           "host": platform.processor() or platform.machine(), "dtype": dtype_name,
+           "batch_size": batch, "image_size": list(config.data.image_size),
+           "backbone": f"{config.model.backbone} x{config.model.width}",
+           "expert_execution": config.model.expert_execution, "quick": quick,
+           "repetitions": repetitions,
+           **peak_gflops(dtype, repetitions=repetitions)}
+  rows = []
+  cases = row_cases(experts, passes)
+  for i, (keys, make) in enumerate(cases, 1):
+    row = measure_row(keys, make(config, images, dtype), batch, bench["peak_gflops"],
+                      warmup=warmup, repetitions=repetitions)
+    rows.append(row)
+    print(f"[{i}/{len(cases)}] " + ", ".join(f"{k}={v}" for k, v in keys.items()) +
+          f": {row['images_per_sec']:.1f} images/s, {100 * row['fraction_of_peak']:.1f}% "
+          f"of peak, compile {row['compile_seconds']:.1f} s", flush=True)
+  bench["rows"] = rows
+  bench["goals"] = goals(rows)
+  bench["training_step"] = training_rate(config, dtype, repetitions=repetitions)
+  bench["input_pipeline"] = pipeline_rate(config, batches=5 if quick else 20)
+  return bench
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  jax.config.update("jax_default_prng_impl", "rbg")  # as the CLI: fast initialisation
+  bench = run(_CONFIG.value, quick=_QUICK.value, dtype_name=_DTYPE.value,
+              experts=[int(k) for k in _EXPERTS.value], passes=[int(t) for t in _PASSES.value])
+  out = Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(bench, indent=1))
+  table = markdown(bench)
+  out.with_suffix(".md").write_text(table)
+  print(table)
+  print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
