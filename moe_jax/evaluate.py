@@ -293,18 +293,26 @@ def print_table(results: dict, splits: Iterable[str]) -> None:
         f"{'n/a':>16}" if v is None else f"{100 * v:>16.1f}" for v in row))
 
 
+def severity_means(results: dict, method: str, value: Callable[[dict], float | None]
+                   ) -> list[float | None]:
+  """value(entry) of `method` on the clean corruption split, then at each severity the
+  mean over the corruptions (None if any is undefined)."""
+  info, splits = results["corruptions"], results["splits"]
+  return [value(splits[info["clean"]][method])] + [
+      mean_or_none([value(splits[f"{info['split']}:{name}:{severity}"][method])
+                    for name in info["names"]])
+      for severity in info["severities"]]
+
+
 def print_corruption_table(results: dict) -> None:
   """mIoU (%) per method under corruption: severity 0 (clean) to 5, mean over corruptions."""
   info = results["corruptions"]
-  splits = results["splits"]
-  names = list(splits[info["clean"]])
+  names = list(results["splits"][info["clean"]])
   width = max(len(m) for m in names) + 2
   print(f"mIoU (%) on {info['split']} under corruption, mean over {len(info['names'])}")
   print("severity".ljust(width) + "".join(f"{s:>8}" for s in [0, *info["severities"]]))
   for method in names:
-    row = [splits[info["clean"]][method]["miou"]] + [
-        mean_or_none([splits[f"{info['split']}:{n}:{s}"][method]["miou"] for n in info["names"]])
-        for s in info["severities"]]
+    row = severity_means(results, method, lambda entry: entry["miou"])
     print(method.ljust(width) + "".join(
         f"{'n/a':>8}" if v is None else f"{100 * v:>8.1f}" for v in row))
 

@@ -302,15 +302,22 @@ def calibration_histogram(confidence: jax.Array, correct: jax.Array, valid: jax.
   return jnp.stack(sums)
 
 
+def regroup_calibration(histogram: np.ndarray, num_bins: int) -> np.ndarray:
+  """A `calibration_histogram` [3, bins] summed into num_bins equal-width bins (it must
+  divide bins): float64 [3, num_bins]."""
+  histogram = np.asarray(histogram, np.float64)
+  if histogram.shape[1] % num_bins:
+    raise ValueError(f"{histogram.shape[1]} bins do not regroup into {num_bins}")
+  return histogram.reshape(3, num_bins, -1).sum(-1)
+
+
 def calibration_errors(histogram: np.ndarray, num_bins: int | None = None) -> dict[str, float]:
   """ECE = Σ_b (n_b / N) |acc_b − conf_b| and MCE = max over non-empty bins, from a
   `calibration_histogram` [3, bins], first regrouped into num_bins equal-width bins when
-  given (it must divide bins); nan when it is empty."""
-  count, sum_conf, sum_ok = np.asarray(histogram, np.float64)
+  given (`regroup_calibration`); nan when it is empty."""
   if num_bins is not None:
-    if count.size % num_bins:
-      raise ValueError(f"{count.size} bins do not regroup into {num_bins}")
-    count, sum_conf, sum_ok = (x.reshape(num_bins, -1).sum(1) for x in (count, sum_conf, sum_ok))
+    histogram = regroup_calibration(histogram, num_bins)
+  count, sum_conf, sum_ok = np.asarray(histogram, np.float64)
   filled = count > 0
   if not filled.any():
     return {"ece": float("nan"), "mce": float("nan")}

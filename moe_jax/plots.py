@@ -151,10 +151,9 @@ def _legend_below(fig: Figure, handles: dict) -> None:
 def _regroup(histogram: np.ndarray, bins: int = RELIABILITY_BINS) -> np.ndarray:
   """A [3, nb] calibration histogram summed into `bins` equal bins when nb is a multiple."""
   histogram = np.asarray(histogram, np.float64)
-  width = histogram.shape[1] // bins
-  if histogram.shape[1] % bins or width <= 1:
+  if histogram.shape[1] % bins or histogram.shape[1] == bins:
     return histogram
-  return histogram.reshape(3, bins, width).sum(-1)
+  return metrics.regroup_calibration(histogram, bins)
 
 
 def _reliability_panel(ax, histogram: np.ndarray, title: str) -> None:

@@ -105,15 +105,10 @@ def corruption_lines(results: dict) -> list[str]:
            f"mean over {len(info['names'])} corruptions: {', '.join(info['names'])})", ""]
   rows = []
   for method in sorted(splits[info["clean"]], key=method_rank):
-    cells = []
-    for severity in [0, *info["severities"]]:
-      names = [info["clean"]] if severity == 0 else [
-          f"{info['split']}:{name}:{severity}" for name in info["names"]]
-      entries = [splits[name][method] for name in names]
-      miou = evaluate.mean_or_none([e["miou"] for e in entries])
-      ece = evaluate.mean_or_none([e["calibration"]["max_softmax"]["ece"] for e in entries])
-      cells.append(f"{_pct(miou)} / {_pct(ece)}")
-    rows.append([method] + cells)
+    mious = evaluate.severity_means(results, method, lambda entry: entry["miou"])
+    eces = evaluate.severity_means(
+        results, method, lambda entry: entry["calibration"]["max_softmax"]["ece"])
+    rows.append([method] + [f"{_pct(m)} / {_pct(e)}" for m, e in zip(mious, eces)])
   return lines + _table(["method", "clean"] + [f"severity {s}" for s in info["severities"]],
                         rows)
 
