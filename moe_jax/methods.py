@@ -164,26 +164,35 @@ def mc_dropout_probs(model: nnx.Module, images: jax.Array, key: jax.Array,
 
 
 def mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
-               passes: int) -> dict[str, Output]:
+               passes: int, shared_encoder: bool = True) -> dict[str, Output]:
   """MC dropout on the baseline: {"mc_dropout_<T>": Output} (uniform over the T passes).
 
-  The backbone runs once; the head's T passes are scanned, so memory holds about two
-  passes' probabilities whatever T (at 912x912 x 38 classes, one pass of a batch of 4 is
-  0.5 GB). `mc_dropout_probs` gives the same passes at once, under vmap.
+  The head's T passes are scanned, so memory holds about two passes' probabilities
+  whatever T (at 912x912 x 38 classes, one pass of a batch of 4 is 0.5 GB).
+  `mc_dropout_probs` gives the same passes at once, under vmap.
+
+  shared_encoder: the backbone runs once, only the dropout-carrying head T times; False
+  reruns the backbone in every pass (the naive form, for comparison: same numbers).
   """
   keys = jax.random.split(key, passes)
   size = images.shape[1:3]
-  low, features = model.encode(images)
   graphdef, state = nnx.split(model)
+  if shared_encoder:
+    encoded = model.encode(images)
 
   def member(s):
-    logits, _ = nnx.merge(graphdef, state).head(low, features, size, dropout_key=keys[s])
+    module = nnx.merge(graphdef, state)
+    if shared_encoder:
+      low, features = encoded
+    else:  # the barrier ties the pass's input to s, so XLA cannot hoist the backbone
+      low, features = module.encode(jax.lax.optimization_barrier((images, s))[0])
+    logits, _ = module.head(low, features, size, dropout_key=keys[s])
     return uncertainty.probabilities(logits)
 
   return {f"mc_dropout_{passes}": moments_output(uncertainty.scan_members(member, passes))}
 
 
 @functools.cache
-def mc_dropout_with(passes: int):
-  """`mc_dropout` with a fixed T, as one reusable (hashable) output function."""
-  return functools.partial(mc_dropout, passes=passes)
+def mc_dropout_with(passes: int, shared_encoder: bool = True):
+  """`mc_dropout` with fixed options, as one reusable (hashable) output function."""
+  return functools.partial(mc_dropout, passes=passes, shared_encoder=shared_encoder)

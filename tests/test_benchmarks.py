@@ -18,7 +18,7 @@ def test_throughput_benchmark_writes_every_row_the_goals_and_a_table(tmp_path):
   out = tmp_path / "bench.json"
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.throughput", "--config=configs/a2d2.py:smoke",
-       "--quick", "--experts=2,4", "--passes=2,10", f"--out={out}",
+       "--quick", "--experts=2,4", "--passes=10", f"--out={out}",
        f"--cache={tmp_path / 'cache'}"],
       cwd=REPO, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_throughput_benchmark_writes_every_row_the_goals_and_a_table(tmp_path):
   assert keys == [("single", None, None, None, None, None)] + [
       ("moe", k, None, u, s, None) for k in (2, 4) for s in (True, False)
       for u in (False, True)] + [("ensemble", k, None, True, None, None) for k in (2, 4)] + [
-      ("mc_dropout", None, t, True, None, s) for t in (2, 10) for s in (True, False)]
+      ("mc_dropout", None, t, True, None, s) for t in (10,) for s in (True, False)]
   for row in rows:
     assert ROW_KEYS <= set(row), row
     assert row["images_per_sec_min"] <= row["images_per_sec"] <= row["images_per_sec_max"]
@@ -45,6 +45,10 @@ def test_throughput_benchmark_writes_every_row_the_goals_and_a_table(tmp_path):
                                  "uncertainty_maps_overhead_K2",
                                  "moe_K2_uncertainty_fraction_of_peak"}
   assert all(isinstance(g["met"], bool) for g in bench["goals"].values())
+  # Each goal's value is its ratio of the interleaved times it reports.
+  maps_overhead = bench["goals"]["uncertainty_maps_overhead_K2"]
+  ms = maps_overhead["ms_per_batch"]
+  assert maps_overhead["value"] == pytest.approx(ms["maps"] / ms["bare"] - 1.0)
   assert bench["input_pipeline"]["images_per_sec"] > 0
   assert bench["training_step"]["images_per_sec"] > 0
   table = out.with_suffix(".md").read_text()

@@ -83,4 +83,7 @@ def test_mc_dropout_shared_encoder_equals_full_passes_and_passes_differ():
   np.testing.assert_array_equal(deterministic, again)
   out = nnx.jit(methods.mc_dropout_with(4))(model, IMAGES, key)["mc_dropout_4"]
   np.testing.assert_allclose(out["probs"], shared.mean(0), atol=1e-6)
+  naive = nnx.jit(methods.mc_dropout_with(4, False))(model, IMAGES, key)["mc_dropout_4"]
+  for name in ("probs", *methods.MEASURES[:3]):
+    np.testing.assert_allclose(naive[name], out[name], atol=1e-5, err_msg=name)
   assert float(out["mutual_information"].max()) > 0

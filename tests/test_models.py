@@ -58,6 +58,24 @@ def test_resize_bilinear_matches_half_pixel_centres():
   np.testing.assert_allclose(deeplab.resize_bilinear(x, 1, 8)[0, 0, :, 0], expected)
 
 
+@pytest.mark.parametrize("size, out", [((3, 5), (6, 15)), ((6, 10), (24, 40)),
+                                       ((3, 3), (9, 9)), ((4, 4), (20, 12)), ((4, 6), (6, 9))])
+def test_resize_bilinear_equals_jax_image_resize(size, out):
+  """The whole-factor path (blended shifted copies) is the same function as jax.image's
+  interpolation matrices, edges included; other sizes go to jax.image itself."""
+  x = jax.random.normal(jax.random.key(0), (2, *size, 3))
+  np.testing.assert_allclose(deeplab.resize_bilinear(x, *out),
+                             jax.image.resize(x, (2, *out, 3), "bilinear"), atol=2e-6)
+
+
+def test_decoder_split_into_its_inputs_equals_the_conv_on_their_concatenation():
+  model = moe.make_expert(SMALL, C)(nnx.Rngs(0))
+  model.eval()
+  up, low = (jax.random.normal(jax.random.key(i), (2, 8, 12, ch)) for i, ch in ((1, 16), (2, 48)))
+  np.testing.assert_allclose(model._decode(up, low),
+                             model.decoder(jnp.concatenate([up, low], axis=-1)), atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("gate", ["simple", "classwise"])
 def test_moe_shapes_and_gate_weights_sum_to_one(k, gate):

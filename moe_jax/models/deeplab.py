@@ -18,8 +18,39 @@ from moe_jax.models.backbone import ResNet, batch_norm, conv
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
-  """[B, h, w, C] -> [B, height, width, C], half-pixel centres (PyTorch align_corners=False)."""
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), "bilinear")
+  """[B, h, w, C] -> [B, height, width, C], half-pixel centres (PyTorch align_corners=False).
+
+  Upsampling by whole factors (DeepLab's x4 steps) blends shifted copies of x and
+  interleaves them in one fused pass, as fast as copying the output; other sizes take
+  jax.image.resize, the same function as dense interpolation matrices (3.7x slower at
+  [16, 24, 40, 38] -> x4 on XLA CPU, ~10x the FLOPs).
+  """
+  batch, h, w, channels = x.shape
+  if height % h or width % w:
+    return jax.image.resize(x, (batch, height, width, channels), "bilinear")
+  fh, fw = height // h, width // w
+  rows = [jnp.stack(_phases(row, 2, fw), axis=3) for row in _phases(x, 1, fh)]
+  return jnp.stack(rows, axis=2).reshape(batch, height, width, channels)
+
+
+def _phases(x: jax.Array, axis: int, factor: int) -> list[jax.Array]:
+  """Bilinear upsampling of one axis by a whole factor, as `factor` phases (edges clamped).
+
+  Phase r holds outputs o = factor * j + r, which sample input position j + d_r with
+  d_r = (2r + 1 - factor) / (2 factor): x[j] blended with its neighbour below (d_r < 0)
+  or above (d_r > 0).
+  """
+  if factor == 1:
+    return [x]
+  n = x.shape[axis]
+  take = lambda start, stop: jax.lax.slice_in_dim(x, start, stop, axis=axis)
+  below = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)
+  above = jnp.concatenate([take(1, n), take(n - 1, n)], axis=axis)
+  phases = []
+  for r in range(factor):
+    d = (2 * r + 1 - factor) / (2 * factor)
+    phases.append(x if d == 0 else (1 - abs(d)) * x + abs(d) * (below if d < 0 else above))
+  return phases
 
 
 def _dropout(layer: nnx.Dropout, x: jax.Array, key: jax.Array | None) -> jax.Array:
@@ -97,9 +128,23 @@ class DeepLabV3Plus(nnx.Module):
     aspp = self.aspp(features, aspp_key)
     low = self.low_level(low_level)
     up = resize_bilinear(aspp, low.shape[1], low.shape[2])
-    x = self.decoder(jnp.concatenate([up, low], axis=-1))
+    x = self._decode(up, low)
     logits = self.classifier(_dropout(self.decoder_dropout, x, decoder_key))
     return resize_bilinear(logits, *out_size), aspp
+
+  def _decode(self, up: jax.Array, low: jax.Array) -> jax.Array:
+    """The decoder on concat([up, low]), its 3x3 conv split into the two inputs' parts.
+
+    The same function (conv is linear in its input channels), but under vmap over dropout
+    keys (MC dropout) the low-level part does not depend on the key, so it runs once.
+    """
+    conv = self.decoder.conv
+    kernel = conv.kernel.value
+    split = up.shape[-1]
+    apply = lambda x, k: jax.lax.conv_general_dilated(
+        x, k.astype(x.dtype), (1, 1), conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = apply(up, kernel[:, :, :split]) + apply(low, kernel[:, :, split:])
+    return nnx.relu(self.decoder.bn(y))
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     low_level, features = self.encode(images)
