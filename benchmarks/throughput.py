@@ -152,7 +152,7 @@ def mc_dropout_program(config, images, dtype, *, passes: int, shared_encoder: bo
   passes scanned; one backbone pass + T heads, or T full passes): prediction, PE, MI, EV.
 
   XLA's cost analysis counts a scan's body once, so the FLOPs are those of the same
-  passes unscanned (methods.mc_dropout_probs under vmap, the same arithmetic).
+  passes unscanned (methods.mc_dropout_logits under vmap, the same arithmetic).
   """
   model = in_dtype(build.baseline(config), dtype)
   key = jax.random.key(0)
@@ -162,8 +162,9 @@ def mc_dropout_program(config, images, dtype, *, passes: int, shared_encoder: bo
       images, key)
   graphdef, state = nnx.split(model)
   _, _, flops = compile_program(
-      lambda state, x, k: maps(methods.members_output(methods.mc_dropout_probs(
-          nnx.merge(graphdef, state), x, k, passes, shared_encoder=shared_encoder))),
+      lambda state, x, k: maps(methods.members_output(uncertainty.probabilities(
+          methods.mc_dropout_logits(nnx.merge(graphdef, state), x, k, passes,
+                                    shared_encoder=shared_encoder)))),
       state, images, key)
   return dataclasses.replace(program, flops=flops)
 

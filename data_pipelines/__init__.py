@@ -2,12 +2,9 @@
 
 This package never imports `moe_jax`; it hands out `tf.data.Dataset`s of dicts
 `{"image": uint8 [B,H,W,3], "label": uint8 [B,H,W], "domain": int32 [B], "frame": string [B]}`.
+The package itself does not import TensorFlow (so `DataError` is cheap to import); the
+modules that build datasets do, through `transforms`, which keeps TensorFlow off the GPU.
 """
-
-import tensorflow as tf
-
-# tf.data runs on the host. Keep TensorFlow away from any accelerator so JAX owns it.
-tf.config.set_visible_devices([], "GPU")
 
 
 class DataError(ValueError):

@@ -12,6 +12,9 @@ from typing import Callable, Sequence
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+# tf.data runs on the host. Keep TensorFlow away from any accelerator so JAX owns it.
+tf.config.set_visible_devices([], "GPU")
+
 IGNORE_LABEL = 255
 
 

@@ -21,7 +21,7 @@ import jax
 from ml_collections import config_flags
 
 from data_pipelines import DataError
-from moe_jax import checkpoint, evaluate, input_pipeline, report, train
+from moe_jax import checkpoint
 from moe_jax.models import build
 
 STAGES = ("data", "experts", "baseline", "deep_ensemble", "gate", "evaluate", "report")
@@ -35,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run_data_stage(config) -> dict[str, int]:
   """Prepares the data and prints the number of frames per split."""
+  from moe_jax import input_pipeline
   start = time.perf_counter()
   counts = input_pipeline.prepare(config.data)
   print(f"data: {config.data.name} ready in {time.perf_counter() - start:.1f} s "
@@ -69,6 +70,9 @@ def main(argv) -> None:
   # The "rbg" PRNG initialises the paper's ResNet-101 experts ~4x faster than threefry on
   # CPU (see the README's measured facts); random streams are still reproducible per seed.
   jax.config.update("jax_default_prng_impl", "rbg")
+  # The stages pull in TensorFlow (~4 s); imported here, after the flags parsed, so that a
+  # bad command line fails at once.
+  from moe_jax import evaluate, input_pipeline, report, train
   config = _CONFIG.value
   runners = {"experts": train.train_experts,
              "baseline": train.train_baseline, "deep_ensemble": train.train_deep_ensemble,

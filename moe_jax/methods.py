@@ -135,9 +135,9 @@ def mixture_with(members: str, experts: bool = True):
   return functools.partial(mixture, members=members, experts=experts)
 
 
-def mc_dropout_probs(model: nnx.Module, images: jax.Array, key: jax.Array,
-                     passes: int, shared_encoder: bool = True) -> jax.Array:
-  """T = `passes` stochastic passes of a DeepLabV3Plus in eval mode: probs [T,B,H,W,C].
+def mc_dropout_logits(model: nnx.Module, images: jax.Array, key: jax.Array,
+                      passes: int, shared_encoder: bool = True) -> jax.Array:
+  """T = `passes` stochastic passes of a DeepLabV3Plus in eval mode: logits [T,B,H,W,C].
 
   Only the dropout layers are stochastic (BatchNorm keeps its running statistics).
   shared_encoder: run the backbone once and only the dropout-carrying head T times under
@@ -148,8 +148,7 @@ def mc_dropout_probs(model: nnx.Module, images: jax.Array, key: jax.Array,
   graphdef, state = nnx.split(model)
 
   def head(low, features, k):
-    logits, _ = nnx.merge(graphdef, state).head(low, features, size, dropout_key=k)
-    return uncertainty.probabilities(logits)
+    return nnx.merge(graphdef, state).head(low, features, size, dropout_key=k)[0]
 
   if shared_encoder:
     low, features = model.encode(images)
@@ -169,7 +168,7 @@ def mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
 
   The head's T passes are scanned, so memory holds about two passes' probabilities
   whatever T (at 912x912 x 38 classes, one pass of a batch of 4 is 0.5 GB).
-  `mc_dropout_probs` gives the same passes at once, under vmap.
+  `mc_dropout_logits` gives the same passes at once, under vmap.
 
   shared_encoder: the backbone runs once, only the dropout-carrying head T times; False
   reruns the backbone in every pass (the naive form, for comparison: same numbers).

@@ -451,6 +451,57 @@ def panel(results: dict, panels: Arrays, method: str, split: str, path: Path) ->
   return _save(fig, path)
 
 
+def overlay(image: np.ndarray, out: Arrays, class_names: list[str] | tuple[str, ...], *,
+            index: int = 0, alpha: float = 0.6, title: str = "",
+            path: Path | None = None) -> Figure:
+  """One predicted image at a glance: the image, its segmentation blended over it, and
+  each uncertainty map of `out` (on the shared 0..1 scale).
+
+  Args:
+    image: uint8 [H, W, 3] (or [B, H, W, 3], then image `index`).
+    out: what `Predictor.predict` returned for it ("segmentation" [B, H, W] and the maps
+      [B, H, W] it has).
+    class_names: the predictor's class names (the legend lists the classes present).
+    index: which image of the batch.
+    alpha: the segmentation's opacity over the image.
+    title: a title over the row.
+    path: also write a PNG there.
+
+  Returns:
+    the matplotlib Figure (shown inline by Jupyter).
+  """
+  image = np.asarray(image)
+  image = image[index] if image.ndim == 4 else image
+  segmentation = np.asarray(out["segmentation"][index])
+  maps = {m: np.asarray(out[m][index]) for m in MEASURES if m in out}
+  palette = class_palette(len(class_names))
+  blended = (1 - alpha) * image / 255.0 + alpha * _colorize(segmentation, palette)
+  present = [int(c) for c in np.unique(segmentation) if 0 <= c < len(class_names)]
+  columns = 2 + len(maps)
+  height, width = segmentation.shape
+  legend_columns = min(len(present), 6) or 1
+  fig = Figure(figsize=(2.6 * columns + 1.0, 2.6 * height / width + 1.0 +
+                        0.18 * -(-len(present) // legend_columns)), layout="compressed")
+  axes = fig.subplots(1, columns, squeeze=False)[0]
+  axes[0].imshow(image, interpolation="nearest")
+  axes[1].imshow(blended, interpolation="nearest")
+  for ax, values in zip(axes[2:], maps.values()):
+    shown = ax.imshow(values, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+  for ax, name in zip(axes, ["image", "segmentation", *(TITLES[m] for m in maps)]):
+    ax.set_title(name, fontsize="small")
+    ax.set_xticks([])
+    ax.set_yticks([])
+  if maps:
+    fig.colorbar(shown, ax=axes[2:], shrink=0.9, label="normalised uncertainty")
+  fig.legend([Patch(color=palette[c]) for c in present], [class_names[c] for c in present],
+             loc="outside lower center", ncols=legend_columns, fontsize="x-small")
+  if title:
+    fig.suptitle(title)
+  if path is not None:
+    _save(fig, path)
+  return fig
+
+
 def _max_label(labels: np.ndarray) -> int:
   valid = labels[labels != metrics.IGNORE_LABEL]
   return int(valid.max()) if valid.size else 0

@@ -1,6 +1,7 @@
 """The whole pipeline from the command line, run as a user runs it (subprocesses)."""
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -116,3 +117,113 @@ def test_rerun_with_another_config_is_refused_before_anything_runs(smoke_run, ru
   assert code != 0 and "experts:" not in out
   assert err.strip().splitlines()[-1].startswith(
       "error: config key train.experts.epochs=3 differs from the run in ")
+
+
+# ------------------------------------------------ restore: predicting with a finished run
+
+def _recomputed_maps(out: dict, num_classes: int) -> dict:
+  """The maps from the returned member_probs and gate_weights alone (moe_jax.uncertainty)."""
+  import jax.numpy as jnp
+  from moe_jax import uncertainty
+  probs, gates = out["member_probs"], out.get("gate_weights")
+  if gates is None:
+    weights = None
+  elif gates.ndim == 2:  # simple gate [B,K]: one weight per image and expert
+    weights = gates.T[:, :, None, None]
+  else:  # classwise [B,C,K]: each pixel's predicted class's gate
+    seg = out["segmentation"]
+    weights = np.moveaxis(np.take_along_axis(gates[:, None, None], seg[..., None, None], 3)[
+        ..., 0, :], -1, 0)
+  raw = uncertainty.measures(uncertainty.moments(jnp.asarray(probs), weights))
+  if gates is not None:
+    raw["gate_entropy"] = uncertainty.gate_entropy_map(jnp.asarray(gates),
+                                                      jnp.asarray(out["segmentation"]))
+  return uncertainty.normalised(raw, num_classes, probs.shape[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, options, method, members", [
+    ("gate", {}, "moe_simple", 2), ("gate_classwise", {}, "moe_classwise", 2),
+    ("experts", {"expert": "urban"}, "expert_urban", 1),
+    ("baseline", {"passes": 3}, "mc_dropout_3", 3)])
+def test_restore_predicts_consistent_maps_at_any_size(smoke_run, stage, options, method,
+                                                       members):
+  import moe_jax
+  workdir, _, _ = smoke_run
+  predictor = moe_jax.restore(workdir, stage=stage, **options)
+  assert predictor.method == method and predictor.image_size == (32, 48)
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (37, 61, 3), np.uint8)  # odd size, one image
+  out = predictor.predict(image)
+  c = len(predictor.class_names)
+  assert out["segmentation"].shape == (1, 37, 61) and out["segmentation"].dtype == np.int32
+  assert out["member_probs"].shape == (members, 1, 37, 61, c)
+  np.testing.assert_allclose(out["member_probs"].sum(-1), 1.0, atol=1e-5)
+  maps = {m for m in MEASURES if m in out}
+  assert maps == (MEASURES if method.startswith("moe_") else MEASURES - {"gate_entropy"})
+  for name in maps:
+    assert out[name].shape == (1, 37, 61) and 0 <= out[name].min() and out[name].max() <= 1
+  again = _recomputed_maps(out, c)
+  for name in maps:
+    np.testing.assert_allclose(out[name], again[name], atol=2e-5, err_msg=name)
+  if method == "moe_simple":
+    assert out["gate_weights"].shape == (1, 2)
+    # Fused logits are Σ g_k z_k; log p_k differs from z_k by a per-pixel constant.
+    fused = np.einsum("bk,kbhwc->bhwc", out["gate_weights"], np.log(out["member_probs"]))
+    assert np.mean(fused.argmax(-1) == out["segmentation"]) > 0.999
+  elif method == "moe_classwise":
+    assert out["gate_weights"].shape == (1, c, 2)
+  else:
+    np.testing.assert_array_equal(out["segmentation"],
+                                  out["member_probs"].mean(0).argmax(-1))
+  if method == "moe_simple":  # (each shape compiles: once is enough to test)
+    # A batch of another size compiles again and gives each image its own result.
+    batch = np.stack([image[:32, :48], rng.integers(0, 256, (32, 48, 3), np.uint8)])
+    both = predictor.predict(batch, member_probs=False)
+    assert both["segmentation"].shape == (2, 32, 48) and "member_probs" not in both
+    alone = predictor.predict(batch[:1], member_probs=False)
+    np.testing.assert_allclose(both["predictive_entropy"][:1], alone["predictive_entropy"],
+                               atol=1e-5)
+
+
+@pytest.mark.slow
+def test_restore_from_a_stage_dir_and_its_clear_errors(smoke_run, tmp_path):
+  import moe_jax
+  from moe_jax.checkpoint import CheckpointError
+  workdir, _, _ = smoke_run
+  assert moe_jax.restore(workdir / "checkpoints" / "experts").method == "ensemble"
+  with pytest.raises(CheckpointError, match="is not a directory"):
+    moe_jax.restore(tmp_path / "nothing")
+  with pytest.raises(CheckpointError, match="no config.json in"):
+    moe_jax.restore(tmp_path)
+  with pytest.raises(ValueError, match="unknown stage 'gates'"):
+    moe_jax.restore(workdir, stage="gates")
+  with pytest.raises(ValueError, match="unknown expert 'rural'"):
+    moe_jax.restore(workdir, stage="experts", expert="rural")
+  with pytest.raises(ValueError, match="uint8 RGB images"):
+    moe_jax.restore(workdir, stage="experts").predict(np.zeros((8, 8), np.uint8))
+  (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
+  with pytest.raises(CheckpointError, match="stage 'gate_simple' has not finished"):
+    moe_jax.restore(tmp_path)
+
+
+@pytest.mark.slow
+def test_colab_notebook_restores_the_run_and_draws_the_panel(smoke_run, tmp_path):
+  """notebooks/colab_restore.ipynb as a user runs it, with its parameters cell set to this
+  run (and no pip install: the package is installed already)."""
+  import nbclient
+  import nbformat
+  workdir, _, _ = smoke_run
+  notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "colab_restore.ipynb",
+                           as_version=4)
+  parameters = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(parameters) == 1
+  parameters[0].source = (f'PACKAGE = ""\nINSTALL = False\nWORKDIR = "{workdir}"\n'
+                          'STAGE = "gate_classwise"\nIMAGE = ""')
+  nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                          resources={"metadata": {"path": str(tmp_path)}}).execute()
+  outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  assert "moe_classwise at (32, 48)" in text and "gate_entropy" in text
+  assert any("image/png" in o.get("data", {}) for o in outputs)  # the panel was drawn

@@ -69,10 +69,11 @@ def test_mc_dropout_shared_encoder_equals_full_passes_and_passes_differ():
                         decoder_dropout=0.5, rngs=nnx.Rngs(0))
   model.eval()
   # threefry: its draws under vmap equal per-key draws, so the vmapped passes
-  # (mc_dropout_probs) and the scanned ones (mc_dropout) can be compared exactly; rbg,
+  # (mc_dropout_logits) and the scanned ones (mc_dropout) can be compared exactly; rbg,
   # the CLI's default, draws different (equally valid) masks under vmap.
   key = jax.random.key(3, impl="threefry2x32")
-  run = nnx.jit(methods.mc_dropout_probs, static_argnums=(3, 4))
+  run = nnx.jit(lambda *a: uncertainty.probabilities(methods.mc_dropout_logits(*a)),
+                static_argnums=(3, 4))
   shared = run(model, IMAGES, key, 4, True)
   full = run(model, IMAGES, key, 4, False)
   assert shared.shape == (4, 2, 32, 48, 4)
