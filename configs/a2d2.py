@@ -54,6 +54,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.backbone = "resnet101"       # resnet18 | resnet34 | resnet50 | resnet101
   config.model.width = 1.0                  # channel multiplier of the backbone
+  # torchvision ResNet ImageNet weights (.pth or .safetensors) the experts, the baseline and
+  # the deep ensemble start from ("" = random init); see the README for where to get them.
+  config.model.backbone_weights = ""
   config.model.aspp_channels = 256
   config.model.aspp_dropout = 0.1           # the reference's (and MC dropout's) dropout site
   config.model.decoder_dropout = 0.0        # optional second site, before the classifier

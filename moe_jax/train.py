@@ -32,7 +32,7 @@ import optax
 from tqdm import tqdm
 
 from moe_jax import checkpoint, evaluate, input_pipeline, methods, metrics
-from moe_jax.models import build
+from moe_jax.models import build, pretrained
 
 IGNORE_LABEL = metrics.IGNORE_LABEL
 
@@ -270,12 +270,14 @@ def finished(workdir: str | Path, stage: str) -> dict | None:
 def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
            loss_fn: Callable, train_splits: list[str], validate: Callable[[nnx.Module], float],
            stacked: bool, wrt=nnx.Param, train_mode: bool = True,
-           section: str | None = None) -> dict:
+           section: str | None = None, backbone_weights: str = "") -> dict:
   """Runs `fit` for a stage from its config section `train.<section>` (default `stage`).
 
   A finished stage is reported and skipped before anything is built or read.
   `stacked`: member k of a stacked model takes a batch of `train_splits[k]`, all stacked to
   [K, B, ...]; otherwise the model takes plain batches [B, ...] of the one split.
+  `backbone_weights`: a torchvision ResNet checkpoint the fresh model's backbone (every
+  member's) starts from (a resumed run then restores its own checkpoint over it).
   """
   done = finished(workdir, stage)
   if done is not None:
@@ -292,6 +294,9 @@ def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
     return stream if stacked else _first_member(stream)
 
   model = make_model()
+  if backbone_weights:
+    pretrained.load_backbone((model.members if stacked else model).backbone, backbone_weights)
+    print(f"{stage}: backbone from {backbone_weights}")
   optimizer = nnx.Optimizer(
       model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer"), wrt=wrt)
   return fit(stage, model=model, optimizer=optimizer, loss_fn=loss_fn, batches=batches,
@@ -309,7 +314,8 @@ def train_experts(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
       loss_fn=expert_loss,
       train_splits=[input_pipeline.expert_split(config.data, n, "train") for n in names],
       stacked=True, validate=_stacked_validation(
-          config, [input_pipeline.expert_split(config.data, n, "val") for n in names]))
+          config, [input_pipeline.expert_split(config.data, n, "val") for n in names]),
+      backbone_weights=config.model.backbone_weights)
 
 
 def train_deep_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -322,7 +328,8 @@ def train_deep_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) 
   return _train(config, workdir, "deep_ensemble", lambda: build.deep_ensemble(config),
                 loss_fn=expert_loss, train_splits=[config.data.train_split] * members,
                 stacked=True,
-                validate=_stacked_validation(config, [config.data.val_split] * members))
+                validate=_stacked_validation(config, [config.data.val_split] * members),
+                backbone_weights=config.model.backbone_weights)
 
 
 def train_baseline(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -330,7 +337,8 @@ def train_baseline(config: ml_collections.ConfigDict, workdir: str | Path) -> di
   return _train(config, workdir, "baseline", lambda: build.baseline(config),
                 loss_fn=single_loss,
                 train_splits=[config.data.train_split], stacked=False,
-                validate=_validation(config, methods.single, "model"))
+                validate=_validation(config, methods.single, "model"),
+                backbone_weights=config.model.backbone_weights)
 
 
 def mixture_with_trained_experts(config: ml_collections.ConfigDict, workdir: str | Path,

@@ -60,6 +60,9 @@ def test_smoke_preset_prepares_the_data_and_saves_the_config(run_main, tmp_path)
      "error: config key model.gates=('simple', 'fancy') must name distinct gate types"),
     (["--config=configs/a2d2.py:smoke", "--config.eval.corruptions=('rain',)"],
      "error: config key eval.corruptions names unknown corruptions ['rain']"),
+    (["--config=configs/a2d2.py:smoke", "--config.model.backbone_weights=/no/such.pth",
+      "--stages=experts"],
+     "error: config key model.backbone_weights='/no/such.pth': no such file"),
     (["--config=configs/a2d2.py:smoke", "--stages=data,dance"],
      "error: unknown stage(s) dance; the stages: data, experts, baseline"),
 ])
