@@ -121,6 +121,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                ("gaussian_noise", "defocus_blur", "fog"))
     config.eval.severities = (1, 5) if small else (1, 2, 3, 4, 5)
     config.eval.corruption_frames_per_part = 2 if small else 8
+    config.eval.panel_images = 1 if small else 3
     config.data.data_dir = "{workdir}/data/a2d2_synthetic"
     config.data.split_dir = "{workdir}/data/a2d2_synthetic/splits"
     config.data.tfds_dir = "{workdir}/data/tfds"

@@ -347,7 +347,7 @@ def corrupted_splits(config: ml_collections.ConfigDict) -> dict[str, tuple[str, 
 def _runs(config: ml_collections.ConfigDict) -> list[tuple]:
   """(checkpoint stage, model factory, output function, {output key: method name}) per
   compiled evaluation: one per gate type (the first also gives the experts and their
-  ensemble), the baseline, MC dropout per T, the deep ensemble."""
+  ensemble), the baseline with MC dropout for every T, the deep ensemble."""
   names = input_pipeline.expert_names(config.data)
   runs = []
   for i, gate in enumerate(build.gate_types(config)):
@@ -358,11 +358,10 @@ def _runs(config: ml_collections.ConfigDict) -> list[tuple]:
     runs.append((build.gate_stage(gate),
                  lambda gate=gate: build.mixture(config, build.experts(config, len(names)), gate),
                  methods.mixture_with(config.eval.moe_members, experts=i == 0), rename))
-  runs.append(("baseline", lambda: build.baseline(config), methods.single,
-               {"model": "baseline"}))
-  for passes in config.eval.mc_dropout_passes:
-    runs.append(("baseline", lambda: build.baseline(config), methods.mc_dropout_with(passes),
-                 {f"mc_dropout_{passes}": f"mc_dropout_{passes}"}))
+  passes = tuple(config.eval.mc_dropout_passes)
+  runs.append(("baseline", lambda: build.baseline(config),
+               methods.single_and_mc_dropout_with(passes),
+               {"model": "baseline", **{f"mc_dropout_{t}": f"mc_dropout_{t}" for t in passes}}))
   if config.model.deep_ensemble_members:
     runs.append(("deep_ensemble", lambda: build.deep_ensemble(config), methods.deep_ensemble,
                  {"deep_ensemble": "deep_ensemble"}))

@@ -191,7 +191,18 @@ def mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
   return {f"mc_dropout_{passes}": moments_output(uncertainty.scan_members(member, passes))}
 
 
+def single_and_mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
+                          passes: tuple[int, ...]) -> dict[str, Output]:
+  """The baseline as a deterministic model ("model") and as MC dropout with each T in
+  `passes` ("mc_dropout_<T>"), in one compiled call: XLA runs their common backbone pass
+  once (it is the same computation on the same images)."""
+  outputs = single(model, images, key)
+  for t in passes:
+    outputs.update(mc_dropout(model, images, key, passes=t))
+  return outputs
+
+
 @functools.cache
-def mc_dropout_with(passes: int, shared_encoder: bool = True):
-  """`mc_dropout` with fixed options, as one reusable (hashable) output function."""
-  return functools.partial(mc_dropout, passes=passes, shared_encoder=shared_encoder)
+def single_and_mc_dropout_with(passes: tuple[int, ...]):
+  """`single_and_mc_dropout` with fixed T's, as one reusable (hashable) output function."""
+  return functools.partial(single_and_mc_dropout, passes=tuple(passes))

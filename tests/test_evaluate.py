@@ -3,11 +3,13 @@
 import importlib.util
 from pathlib import Path
 
+from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import evaluate
+from moe_jax import evaluate, methods, metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -67,3 +69,54 @@ def test_bad_corruption_config(key, value, message):
 def test_mean_or_none():
   assert evaluate.mean_or_none([0.25, 0.75]) == 0.5
   assert evaluate.mean_or_none([0.25, None]) is None
+
+
+class _FixedMoE(nnx.Module):
+  """A stand-in MoE whose forward is fixed logits (K=2 experts, C=3 classes)."""
+
+  def __init__(self, expert_logits, gates):
+    self.expert_logits = nnx.Variable(expert_logits)
+    self.gates = nnx.Variable(gates)
+
+
+def _fixed_moe_outputs(model, images, key):
+  del images, key
+  z, g = model.expert_logits.value, model.gates.value
+  return methods.mixture_outputs({"logits": jnp.einsum("kbhwc,bk->bhwc", z, g),
+                                  "expert_logits": z, "gate_weights": g})
+
+
+def _numbers(tree):
+  if isinstance(tree, dict):
+    return [x for v in tree.values() for x in _numbers(v)]
+  if isinstance(tree, list):
+    return [x for v in tree for x in _numbers(v)]
+  return [tree]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("logits", [[[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]],   # p exactly 0/1
+                                    [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])    # all uniform
+def test_one_pixel_extreme_logits_and_an_absent_class_give_finite_numbers_in_range(
+    dtype, logits):
+  """A batch of one pixel, experts at ±1e4 (probabilities of exactly 0 and 1) or uniform,
+  in float32 and bfloat16, with class 2 absent from the labels: every statistic and every
+  number of the summary is finite (or null where undefined) and the ratios are in [0, 1]."""
+  expert_logits = jnp.asarray(logits, dtype)[:, None, None, None, :]  # [K=2,B=1,1,1,C=3]
+  model = _FixedMoE(expert_logits, jnp.asarray([[0.5, 0.5]], dtype))
+  batch = {"image": np.zeros((1, 1, 1, 3), np.uint8), "label": np.zeros((1, 1, 1), np.uint8)}
+  stats, _ = evaluate.batch_statistics(_fixed_moe_outputs, model, batch, jax.random.key(0), 3,
+                                       True, 0, 1)
+  for method, values in stats.items():
+    for name, value in values.items():
+      assert np.all(np.isfinite(np.asarray(value, np.float64))), (method, name)
+  for method, values in stats.items():
+    entry = evaluate.summary(jax.device_get(values), metrics.REFERENCE_THRESHOLDS)
+    numbers = [x for x in _numbers(entry) if x is not None]
+    assert numbers and all(np.isfinite(x) for x in numbers), method
+    assert entry["iou_per_class"][2] is None  # absent everywhere: undefined, not 0
+    for measure, values in entry.get("uncertainty", {}).items():
+      for key in ("p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu",
+                  "ece", "mce", "adaptive_ece"):
+        curve = [x for x in np.atleast_1d(values[key]) if x is not None]
+        assert all(0.0 <= x <= 1.0 for x in curve), (method, measure, key)

@@ -78,8 +78,8 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
     assert classwise.sum(1).tolist() == [histograms["all_test/moe_classwise/sums"][0]] * 2
     np.testing.assert_allclose(histograms["all_test/moe_simple/gate_sum"].sum(), 8, rtol=1e-5)
   with np.load(workdir / "panels.npz") as panels:
-    assert panels["urban_test/image"].shape == (3, 32, 48, 3)
-    assert panels["urban_test/moe_classwise/gate_entropy"].shape == (3, 32, 48)
+    assert panels["urban_test/image"].shape == (1, 32, 48, 3)  # smoke: eval.panel_images=1
+    assert panels["urban_test/moe_classwise/gate_entropy"].shape == (1, 32, 48)
     assert "all_test/image" not in panels  # a union split's frames are its parts'
   report = (workdir / "report.md").read_text()
   for figure in ("conditional_correctness_all_test", "reliability_ambiguous_test", "ood_roc",

@@ -1,5 +1,7 @@
 """Method outputs: predictions, probabilities and maps of the MoE, ensembles, MC dropout."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -82,9 +84,12 @@ def test_mc_dropout_shared_encoder_equals_full_passes_and_passes_differ():
   deterministic, _ = nnx.jit(lambda m, x: m(x))(model, IMAGES)  # eval mode: no dropout
   again, _ = nnx.jit(lambda m, x: m(x))(model, IMAGES)
   np.testing.assert_array_equal(deterministic, again)
-  out = nnx.jit(methods.mc_dropout_with(4))(model, IMAGES, key)["mc_dropout_4"]
+  both = nnx.jit(methods.single_and_mc_dropout_with((4,)))(model, IMAGES, key)
+  np.testing.assert_allclose(both["model"]["probs"], jax.nn.softmax(deterministic), atol=1e-6)
+  out = both["mc_dropout_4"]
   np.testing.assert_allclose(out["probs"], shared.mean(0), atol=1e-6)
-  naive = nnx.jit(methods.mc_dropout_with(4, False))(model, IMAGES, key)["mc_dropout_4"]
+  naive = nnx.jit(functools.partial(methods.mc_dropout, passes=4, shared_encoder=False))(
+      model, IMAGES, key)["mc_dropout_4"]
   for name in ("probs", *methods.MEASURES[:3]):
     np.testing.assert_allclose(naive[name], out[name], atol=1e-5, err_msg=name)
   assert float(out["mutual_information"].max()) > 0
