@@ -187,3 +187,26 @@ def test_a_missing_corrupted_split_leaves_a_gap(tmp_path):
 def test_gate_units_follow_the_gate_type():
   assert plots._gate_unit("moe_simple") == "images"
   assert plots._gate_unit("moe_classwise") == "pixels"
+
+
+class _Payload:
+  """Unpickling this object would run code: it writes `marker`."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (Path.write_text, (Path(self.marker), "pickle ran"))
+
+
+def test_a_pickled_object_in_an_npz_is_refused_and_never_run(tmp_path):
+  """histograms.npz / panels.npz are plain arrays; one holding a pickled object (which
+  would write a file when unpickled) stops the figures with an error, and nothing runs."""
+  workdir = _fake_run(tmp_path / "run", panels=False)
+  marker = tmp_path / "ran.txt"
+  evil = np.empty(1, object)
+  evil[0] = _Payload(marker)
+  np.savez(workdir / "panels.npz", evil=evil)
+  with pytest.raises(ValueError, match="allow_pickle"):
+    plots.write_all(workdir)
+  assert not marker.exists()
