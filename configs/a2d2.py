@@ -79,6 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.train.gate = stage(batch_size=8, epochs=50, eval_every_epochs=10, **sgd)
   config.train.keep_checkpoints = 2         # latest N kept, plus the best by val mIoU
   config.train.log_every = 50               # steps between loss readouts
+  # A step whose loss or gradients are not finite: "stop" the stage (naming the step; the
+  # last good checkpoint stays) or "skip" it (the model and optimiser stay as before it).
+  config.train.nonfinite = "stop"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 4

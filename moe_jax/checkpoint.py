@@ -494,7 +494,8 @@ def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> 
 
 # Keys that may change between runs in one workdir: they do not change what was trained.
 MUTABLE_CONFIG_KEYS = ("eval.", "train.log_every", "train.keep_checkpoints",
-                       "model.deep_ensemble_members", "train.deep_ensemble.")
+                       "train.nonfinite", "model.deep_ensemble_members",
+                       "train.deep_ensemble.")
 
 
 def check_same_run(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:

@@ -104,24 +104,39 @@ GATE_PARAMS = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("gate"),
                                          nnx.PathContains("fusion_conv")))
 
 
-@nnx.jit(static_argnums=(0,), donate_argnums=(1, 2))
+@nnx.jit(static_argnums=(0, 4), donate_argnums=(1, 2))
 def train_step(loss_fn: Callable, model: nnx.Module, optimizer: nnx.Optimizer,
-               batch: dict[str, jax.Array]) -> jax.Array:
-  """One optimiser step on `loss_fn(model, batch)`; returns the loss (float32 scalar).
+               batch: dict[str, jax.Array], skip_nonfinite: bool = False
+               ) -> tuple[jax.Array, jax.Array]:
+  """One optimiser step on `loss_fn(model, batch)`.
 
   The optimiser's `wrt` filter decides what trains (e.g. only the gate).
+
+  Returns:
+    (loss, finite): the loss (float32 scalar) and whether it and every gradient are finite
+    (bool scalar). With `skip_nonfinite`, a step that is not finite changes nothing: the
+    model (BatchNorm statistics and dropout RNG included) and the optimiser keep their
+    state from before it.
   """
+  if skip_nonfinite:
+    # A snapshot of the arrays (nnx.state refers to the live Variables).
+    before = jax.tree.map(lambda x: x, nnx.state((model, optimizer)))
   loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(
       model, batch)
+  finite = jnp.isfinite(loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
   optimizer.update(model, grads)
-  return loss
+  if skip_nonfinite:
+    after = nnx.state((model, optimizer))
+    nnx.update((model, optimizer), jax.lax.cond(finite, lambda: after, lambda: before))
+  return loss, finite
 
 
 def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Callable,
         batches: Callable[[int], Iterator[dict]], total_steps: int, eval_every: int,
         validate: Callable[[nnx.Module], float], workdir: str | Path, keep: int,
         log_every: int, images_per_step: int, train_mode: bool = True,
-        section: str | None = None) -> dict:
+        section: str | None = None, nonfinite: str = "stop") -> dict:
   """Trains `model` for `total_steps`, validating and checkpointing every `eval_every`.
 
   A finished stage is skipped; an interrupted one resumes from its latest checkpoint
@@ -142,6 +157,9 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
       experts' BatchNorm must not drift and their dropout stays off).
     section: the stage's config section `train.<section>` (default: `stage`), named in
       error messages.
+    nonfinite: what a step whose loss or gradients are not finite does: "stop" raises
+      FloatingPointError naming the step (no checkpoint is written after it); "skip" leaves
+      the model and optimiser as they were before it and goes on (each skip is printed).
 
   Returns:
     The meta dict of the best checkpoint ({"step", "val_miou", "finished"}).
@@ -163,21 +181,29 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
     began = time.perf_counter()
     with tqdm(total=total_steps * images_per_step, initial=start * images_per_step,
               unit="img", desc=stage, mininterval=1.0, dynamic_ncols=True) as bar:
+      pending = []  # (step, loss, finite) on the device, read at the next readout
+      skipped = 0
       for step in range(start + 1, total_steps + 1):
-        loss = train_step(loss_fn, model, optimizer, next(stream))
+        pending.append((step, *train_step(loss_fn, model, optimizer, next(stream),
+                                          nonfinite == "skip")))
         bar.update(images_per_step)
         evaluating = step % eval_every == 0 or step == total_steps
-        # Read the loss (a device sync) every log_every steps and before every checkpoint,
-        # so non-finite weights are never saved.
+        # Read the losses (a device sync) every log_every steps and before every
+        # checkpoint, so non-finite weights are never saved.
         if step % log_every == 0 or evaluating:
-          loss = float(loss)
-          if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"{stage}: loss is {loss} at step {step}; the last good checkpoint is kept "
-                f"in {ckpt.directory}. Lower the learning rate (config key "
-                f"train.{section or stage}.optimizer.learning_rate) and rerun to resume from it.")
+          readout = [(s, float(loss), bool(finite))
+                     for s, loss, finite in jax.device_get(pending)]
+          pending = []
+          for bad_step, loss, _ in (r for r in readout if not r[2]):
+            if nonfinite != "skip":
+              raise FloatingPointError(_nonfinite_message(stage, bad_step, loss, ckpt,
+                                                          section or stage))
+            skipped += 1
+            bar.write(f"{stage}: step {bad_step} skipped: loss {loss} or its gradients "
+                      f"not finite ({skipped} skipped so far)")
+          loss = readout[-1][1]
           bar.set_postfix(step=step, loss=f"{loss:.4f}")
-          writer.write_scalars(step, {"loss": loss})
+          writer.write_scalars(step, {"loss": loss, "skipped_steps": skipped})
         if evaluating:
           _set_mode(model, False)
           val_miou = validate(model)
@@ -188,9 +214,22 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
                     finished=step == total_steps, force=True)
     writer.close()
     best = ckpt.read_meta(ckpt.best_step())
+    note = f"; {skipped} non-finite step(s) skipped" if skipped else ""
     print(f"{stage}: done in {time.perf_counter() - began:.0f} s; best val mIoU "
-          f"{_percent(best['val_miou'])} at step {best['step']}")
+          f"{_percent(best['val_miou'])} at step {best['step']}{note}")
     return best
+
+
+def _nonfinite_message(stage: str, step: int, loss: float,
+                       ckpt: checkpoint.StageCheckpoints, section: str) -> str:
+  what = f"loss is {loss}" if not math.isfinite(loss) else \
+      f"gradients are not finite (loss {loss:.4f})"
+  kept = ckpt.latest_step()
+  resume = (f"the last good checkpoint (step {kept}) is kept in {ckpt.directory}"
+            if kept is not None else f"no checkpoint was written yet ({ckpt.directory})")
+  return (f"{stage}: {what} at step {step}; stopped, {resume}. Rerun the same command with "
+          "--config.train.nonfinite=skip to skip such steps, or use a fresh --workdir with a "
+          f"lower config key train.{section}.optimizer.learning_rate")
 
 
 def _skipped(stage: str, best: dict, directory: Path) -> dict:
@@ -283,6 +322,9 @@ def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
   if done is not None:
     return _skipped(stage, done, checkpoint.stage_dir(workdir, stage))
   name = section or stage
+  if config.train.nonfinite not in ("stop", "skip"):
+    raise ValueError(f"config key train.nonfinite={config.train.nonfinite!r}; use 'stop' or "
+                     "'skip'.")
   section, data = config.train[name], config.data
   sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
   total, eval_every = _schedule(section, name, sizes)
@@ -303,7 +345,7 @@ def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
              total_steps=total, eval_every=eval_every, validate=validate, workdir=workdir,
              keep=config.train.keep_checkpoints, log_every=config.train.log_every,
              images_per_step=section.batch_size * len(train_splits), train_mode=train_mode,
-             section=name)
+             section=name, nonfinite=config.train.nonfinite)
 
 
 def train_experts(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

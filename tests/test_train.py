@@ -52,7 +52,7 @@ def run_expert_steps(seed, steps=4):
   images = np.zeros((2, 2, 16, 16, 3), np.uint8)
   images[..., 0] = labels * 100
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
-  return [float(train.train_step(train.expert_loss, experts, optimizer, batch))
+  return [float(train.train_step(train.expert_loss, experts, optimizer, batch)[0])
           for _ in range(steps)]
 
 
@@ -158,15 +158,60 @@ def test_fit_resumes_an_interrupted_stage_from_its_saved_step(tmp_path, capsys):
   assert "already finished" in capsys.readouterr().out and validations == []
 
 
-def test_fit_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
+def _guarded_loss(model, batch):
+  """`_net_loss` plus a term of value 0 whose gradient is nan where batch["s"] is 0 (the
+  derivative of sqrt at 0 times 0) and exactly 0 where it is 1."""
+  return _net_loss(model, batch) + 0.0 * jnp.sum(
+      jnp.sqrt(batch["s"] * model.linear.kernel.value ** 2))
+
+
+def _batch(step, s=1.0, x_scale=1.0):
+  rng = np.random.default_rng(step)
+  return {"x": jnp.asarray(rng.normal(size=(8, 4)) * x_scale, jnp.float32),
+          "y": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+          "s": jnp.full((4, 3), s, jnp.float32)}
+
+
+def _fit_batches(workdir, stream, *, nonfinite="stop", log_every=1):
   model = _Net(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, 4), wrt=nnx.Param)
-  nan_batch = {"x": jnp.full((8, 4), jnp.nan), "y": jnp.zeros((8, 3))}
-  with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
-    train.fit("net", model=model, optimizer=optimizer, loss_fn=_net_loss,
-              batches=lambda first: iter([nan_batch] * 4), total_steps=4, eval_every=2,
-              validate=lambda m: 0.0, workdir=tmp_path, keep=2, log_every=1,
-              images_per_step=8)
+  optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, len(stream)), wrt=nnx.Param)
+  train.fit("net", model=model, optimizer=optimizer, loss_fn=_guarded_loss,
+            batches=lambda first: iter(stream[first:]), total_steps=len(stream),
+            eval_every=2, validate=lambda m: 0.1, workdir=workdir, keep=5,
+            log_every=log_every, images_per_step=8, nonfinite=nonfinite)
+  return model
+
+
+@pytest.mark.parametrize("bad, message", [
+    (_batch(3, x_scale=np.inf), "net: loss is nan at step 3; stopped, the last good "
+     "checkpoint (step 2) is kept in "),
+    (_batch(3, s=0.0), "net: gradients are not finite (loss "),
+])
+def test_fit_stops_at_the_first_non_finite_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, bad, message):
+  stream = [_batch(1), _batch(2), bad, _batch(4), _batch(5), _batch(6)]
+  # The losses are read every 4 steps: the step is still named exactly, and nothing after
+  # it is saved (the readout comes before step 4's checkpoint).
+  with pytest.raises(FloatingPointError) as error:
+    _fit_batches(tmp_path, stream, log_every=4)
+  assert str(error.value).startswith(message), error.value
+  assert "at step 3" in str(error.value) and "--config.train.nonfinite=skip" in str(error.value)
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints" / "net").iterdir())
+  assert steps == [2]
+
+
+def test_fit_skips_non_finite_steps_as_if_those_batches_were_not_there(tmp_path, capsys):
+  clean = [_batch(t) for t in (1, 2, 4, 5)]
+  bad_loss, bad_grads = _batch(3, x_scale=np.inf), _batch(6, s=0.0)
+  expected = _fit_batches(tmp_path / "clean", clean)
+  skipped = _fit_batches(tmp_path / "skip", [clean[0], clean[1], bad_loss, clean[2],
+                                             bad_grads, clean[3]], nonfinite="skip")
+  out = capsys.readouterr().out
+  assert "net: step 3 skipped: loss nan or its gradients not finite (1 skipped so far)" in out
+  assert "net: step 5 skipped" in out and "2 non-finite step(s) skipped" in out
+  # Parameters, BatchNorm statistics, the dropout RNG and the optimiser all ignored them.
+  jax.tree.map(np.testing.assert_array_equal, as_numpy(nnx.state(expected)),
+               as_numpy(nnx.state(skipped)))
 
 
 def test_deep_ensemble_stage_is_skipped_when_no_members_are_asked_for(capsys):
