@@ -15,11 +15,13 @@ more with `finished=True` at its end; a rerun asks `is_finished()` (skip the sta
 Atomicity is Orbax's: a step is written into `<step>.orbax-checkpoint-tmp-<ts>/` and
 renamed to `<step>/` only once complete (synchronous saves: `save` returns after the
 rename), so a killed run leaves a tmp directory, never a half-written step. Orbax ignores
-tmp directories; the next `StageCheckpoints` on the stage deletes them. A step directory that is nevertheless unreadable
-(copied in half, hand-made, disk trouble) is renamed to `<step>.invalid[-n]/` on open,
-which Orbax's step matching ignores, so resuming falls back to the last good step.
-(Orbax would take such a directory for a complete step: its rename protocol never makes
-one, so it only checks the name.)
+tmp directories; the next `StageCheckpoints` on the stage deletes them, and a save that
+fails (disk full) deletes its own. A step directory that is nevertheless unreadable
+(copied in half, hand-made, disk trouble) is renamed to `<step>.invalid[-n]/`, which
+Orbax's step matching ignores: on open when its metadata cannot be read, on restore when
+its arrays cannot. Resuming (`restore(None)`) then falls back to the step before it, with
+a warning. (Orbax would take such a directory for a complete step: its rename protocol
+never makes one, so it only checks the name.)
 """
 
 import json
@@ -51,6 +53,10 @@ _META = "meta"
 
 class CheckpointError(ValueError):
   """A checkpoint or config that cannot be used; the message names the path and the fix."""
+
+
+class _Unreadable(Exception):
+  """A step on disk whose files cannot be read (its __cause__ says why)."""
 
 
 def stage_dir(workdir: str | os.PathLike, stage: str) -> pathlib.Path:
@@ -191,7 +197,9 @@ class StageCheckpoints:
       force: save even when `step` is not a multiple of `save_every`.
 
     Raises:
-      CheckpointError: a forced/finished save of a step that is already on disk.
+      CheckpointError: a forced/finished save of a step that is already on disk, or the
+        write failed (e.g. disk full); the partial step is removed first, so the steps on
+        disk stay complete.
     """
     step = int(step)
     if step < 0:
@@ -203,13 +211,24 @@ class StageCheckpoints:
           "finished=True with the last step's save.")
     val = None if val_miou is None else float(val_miou)
     meta = {"step": step, METRIC: val, "finished": bool(finished)}
-    return bool(self._manager.save(
-        step,
-        args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
-                                   _META: ocp.args.JsonSave(meta)}),
-        metrics={METRIC: val},
-        force=force,
-    ))
+    try:
+      return bool(self._manager.save(
+          step,
+          args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
+                                     _META: ocp.args.JsonSave(meta)}),
+          metrics={METRIC: val},
+          force=force,
+      ))
+    except Exception as e:  # a full disk, a quota, permissions: TensorStore says which
+      self._remove_stale_tmp_dirs()  # the half-written step, never renamed into place
+      latest = self._manager.latest_step()
+      kept = (f"the last complete checkpoint (step {latest}) is intact"
+              if latest is not None else "no earlier checkpoint exists")
+      raise CheckpointError(
+          f"could not write the checkpoint of step {step} to {self.directory} "
+          f"({type(e).__name__}: {_first_line(e)}); nothing half-written was left and "
+          f"{kept}. Fix the cause (disk full? permissions?) and rerun the same command to "
+          "resume") from e
 
   # ---------------------------------------------------------------- restore
 
@@ -232,9 +251,27 @@ class StageCheckpoints:
     Raises:
       CheckpointError: no checkpoint, no such step, or a structure/shape mismatch.
     """
+    requested = step
     step = self._resolve_step(step)
+    try:
+      return self._restore_step(step, abstract_state, partial)
+    except _Unreadable as e:  # a truncated or damaged file; Orbax/TensorStore raise anything
+      why = f"{type(e.__cause__).__name__}: {_first_line(e.__cause__)}"
+      moved = self._set_aside(step, why)
+      if requested is None and self._manager.all_steps():
+        return self.restore(None, abstract_state, partial=partial)
+      raise CheckpointError(
+          f"checkpoint {self.directory / str(step)} could not be read ({why}); moved it to "
+          f"{moved.name}. Rerun the '{self.stage}' stage (the same command) to redo it from "
+          "the checkpoint before, or use a fresh --workdir") from e.__cause__
+
+  def _restore_step(self, step: int, abstract_state: PyTree, partial: bool
+                    ) -> tuple[PyTree, dict]:
     path = self.directory / str(step)
-    stored = self._state_metadata(step)
+    try:
+      stored = self._state_metadata(step)
+    except Exception as e:
+      raise _Unreadable from e
     wanted = abstract_state
     if partial:
       missing = sorted(set(abstract_state) - set(stored))
@@ -251,11 +288,8 @@ class StageCheckpoints:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target),
                                            _META: ocp.args.JsonRestore()}))
-    except Exception as e:  # Orbax/TensorStore raise many types; the user needs one line.
-      raise CheckpointError(
-          f"checkpoint {path} could not be read ({type(e).__name__}: {_first_line(e)}); "
-          "delete that step directory to fall back to the previous one, or use a fresh "
-          "--workdir") from e
+    except Exception as e:
+      raise _Unreadable from e
     state = restored[_STATE]
     if partial:
       state = {key: state[key] for key in wanted}
@@ -296,17 +330,10 @@ class StageCheckpoints:
     return meta
 
   def _state_metadata(self, step: int) -> PyTree:
-    path = self.directory / str(step)
-    try:
-      metadata = self._manager.item_metadata(step)
-      item = metadata[_STATE] if _STATE in metadata else None
-    except Exception as e:  # Orbax raises many types for a damaged step; say it in one line.
-      raise CheckpointError(
-          f"checkpoint {path} has no readable state ({type(e).__name__}: {_first_line(e)}); "
-          "delete that step directory or use a fresh --workdir") from e
-    if item is None or getattr(item, "tree", None) is None:
-      raise CheckpointError(f"checkpoint {path} has no readable state; delete that step "
-                            "directory or use a fresh --workdir")
+    """The stored state's tree of array metadata; raises whatever Orbax raises if damaged."""
+    item = self._manager.item_metadata(step)[_STATE]
+    if getattr(item, "tree", None) is None:
+      raise ValueError("no state metadata")
     return item.tree
 
   def _is_readable(self, step: int) -> bool:
@@ -333,16 +360,21 @@ class StageCheckpoints:
     # would otherwise become "latest", break resuming and block saving that step again.
     bad = [s for s in self._manager.all_steps() if not self._is_readable(s)]
     for step in bad:
-      src = self.directory / str(step)
-      dst = self.directory / f"{step}.invalid"
-      n = 0
-      while dst.exists():
-        n += 1
-        dst = self.directory / f"{step}.invalid-{n}"
-      src.rename(dst)
-      logging.warning("checkpoint %s is unreadable; moved it to %s and ignore it", src, dst)
-    if bad:
-      self._manager.reload()
+      self._set_aside(step, "its metadata cannot be read")
+
+  def _set_aside(self, step: int, why: str) -> pathlib.Path:
+    """Renames step directory `<step>` to `<step>.invalid[-n]`, which Orbax ignores."""
+    src = self.directory / str(step)
+    dst = self.directory / f"{step}.invalid"
+    n = 0
+    while dst.exists():
+      n += 1
+      dst = self.directory / f"{step}.invalid-{n}"
+    src.rename(dst)
+    self._manager.reload()
+    logging.warning("checkpoint %s is unreadable (%s); moved it to %s and use the steps "
+                    "before it", src, why, dst.name)
+    return dst
 
 
 def restore_model(workdir: str | os.PathLike, stage: str, make: Callable[[], Any]

@@ -266,6 +266,89 @@ def test_garbage_step_dir_is_set_aside_and_previous_step_used(tmp_path):
   assert (directory / "20.invalid" / "junk").exists()
 
 
+def _largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
+  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def _big_state(step: int) -> dict:
+  """400 kB of random floats (which compression cannot shrink) and the step."""
+  return {"w": np.random.default_rng(step).normal(size=100_000).astype(np.float32),
+          "step": step}
+
+
+def _big_abstract() -> dict:
+  return {"w": jax.ShapeDtypeStruct((100_000,), jnp.float32), "step": 0}
+
+
+def _truncate(path: pathlib.Path):
+  os.truncate(path, path.stat().st_size // 2)
+
+
+def _zero_the_start(path: pathlib.Path):
+  with open(path, "r+b") as f:
+    f.write(b"\0" * 1000)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _zero_the_start])
+def test_damaged_latest_step_falls_back_to_the_previous_one_with_a_warning(tmp_path, caplog,
+                                                                           damage):
+  # Halving the array file breaks the step's metadata too (found on open); zeroing its
+  # start leaves the metadata readable, so only reading the arrays finds it (on restore).
+  with StageCheckpoints(tmp_path, "experts", save_every=5) as ckpts:
+    ckpts.save(5, _big_state(5))
+    ckpts.save(10, _big_state(10))
+    directory = ckpts.directory
+  damage(_largest_array_file(directory / "10"))
+  with StageCheckpoints(tmp_path, "experts", save_every=5) as rerun:
+    state, meta = rerun.restore(None, _big_abstract())
+    assert meta["step"] == 5 and state["step"] == 5
+    np.testing.assert_array_equal(np.asarray(state["w"]), _big_state(5)["w"])
+    assert rerun.latest_step() == 5 and rerun.save(10, _big_state(10))  # redone
+  assert f"checkpoint {directory / '10'} is unreadable" in caplog.text
+  assert "moved it to 10.invalid and use the steps before it" in caplog.text
+  assert (directory / "10.invalid").is_dir()
+
+
+def test_damaged_best_step_is_an_error_that_says_how_to_redo_it(tmp_path):
+  with StageCheckpoints(tmp_path, "gate", save_every=1) as ckpts:
+    ckpts.save(1, _big_state(1), val_miou=0.5)
+    ckpts.save(2, _big_state(2), val_miou=0.1, finished=True)
+    data = _largest_array_file(ckpts.directory / "1")
+    data.write_bytes(b"\0" * data.stat().st_size)  # same size, zeroed
+    with pytest.raises(CheckpointError) as info:
+      ckpts.restore_best(_big_abstract())  # a named step never silently becomes another
+    assert ckpts.all_steps() == [2]
+  message = str(info.value)
+  assert message.startswith(f"checkpoint {ckpts.directory / '1'} could not be read (")
+  assert "moved it to 1.invalid. Rerun the 'gate' stage" in message and "\n" not in message
+
+
+def test_disk_full_during_a_save_leaves_the_previous_checkpoint_and_no_partial_step(
+    tmp_path):
+  # A real failed write: the file-size limit makes TensorStore's write of the array file
+  # fail half-way (EFBIG, as a full disk gives ENOSPC); CPython ignores SIGXFSZ.
+  import resource
+  with StageCheckpoints(tmp_path, "experts", save_every=5) as ckpts:
+    ckpts.save(5, _big_state(5))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # the array needs 400 kB
+    try:
+      with pytest.raises(CheckpointError) as info:
+        ckpts.save(10, _big_state(10))
+    finally:
+      resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in ckpts.directory.iterdir()) == ["5"]  # no tmp dir left
+    assert ckpts.latest_step() == 5
+    state, _ = ckpts.restore(None, _big_abstract())
+    np.testing.assert_array_equal(np.asarray(state["w"]), _big_state(5)["w"])
+    assert ckpts.save(10, _big_state(10))  # once there is room again, the step saves
+  message = str(info.value)
+  assert message.startswith(f"could not write the checkpoint of step 10 to {ckpts.directory} (")
+  assert "File too large" in message and "the last complete checkpoint (step 5) is intact" \
+      in message and "rerun the same command to resume" in message
+
+
 # ------------------------------------------------------------------- errors
 
 def test_shape_mismatch_names_the_parameter(tmp_path):
