@@ -352,7 +352,8 @@ class StageCheckpoints:
     for path in self.directory.iterdir():
       if _TMP_STEP_DIR.match(path.name) and path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-        logging.info("removed unfinished checkpoint %s", path)
+        logging.warning("removed %s, a checkpoint whose write never finished (the run "
+                        "stopped while saving it); the steps before it are used", path)
 
   def _set_aside_unreadable_steps(self) -> None:
     # Orbax treats any directory named like a step as a finished checkpoint (its rename
@@ -396,12 +397,15 @@ def restore_model(workdir: str | os.PathLike, stage: str, make: Callable[[], Any
     CheckpointError: the stage has not finished (or never ran) in `workdir`, or the
       checkpoint was written for a different model config.
   """
+  directory = stage_dir(workdir, stage)
+  not_finished = CheckpointError(f"stage '{stage}' has not finished in {directory}; run it "
+                                 f"first (--stages={stage}) with the same --workdir")
+  if not directory.is_dir():  # checked first: opening the stage would create its directory
+    raise not_finished
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   with StageCheckpoints(workdir, stage, save_every=1) as ckpt:
     if not ckpt.is_finished():
-      raise CheckpointError(
-          f"stage '{stage}' has not finished in {ckpt.directory}; run it first "
-          f"(--stages={stage}) with the same --workdir")
+      raise not_finished
     restored, meta = ckpt.restore_best({"model": abstract}, partial=True)
   return nnx.merge(graphdef, restored["model"]), meta
 
@@ -535,12 +539,15 @@ def check_same_run(workdir: str | os.PathLike, config: Mapping[str, Any]) -> Non
 
   A rerun resumes or skips stages from checkpoints; with another model, data or training
   config that would mix two runs. Keys in MUTABLE_CONFIG_KEYS may differ. A workdir without
-  config.json passes.
+  config.json passes, and so does one without any checkpoint step or results.json: a run
+  that failed before training anything (a bad data path, a typo in a value) must not
+  block the corrected command.
 
   Raises:
     CheckpointError: naming the first differing key, both values and the fix.
   """
-  if not (pathlib.Path(workdir).expanduser() / CONFIG_FILE).is_file():
+  root = pathlib.Path(workdir).expanduser()
+  if not (root / CONFIG_FILE).is_file() or not has_results(root):
     return
   before, now = _flat_config(load_config(workdir)), _flat_config(config)
   changed = [key for key in sorted(before.keys() | now.keys())
@@ -552,6 +559,13 @@ def check_same_run(workdir: str | os.PathLike, config: Mapping[str, Any]) -> Non
     raise CheckpointError(
         f"config key {key}={now.get(key)!r} differs from the run in {workdir} "
         f"({before.get(key)!r} there){more}; use a fresh --workdir, or the same config")
+
+
+def has_results(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir` holds anything trained or measured: a checkpoint step, results.json."""
+  root = pathlib.Path(workdir).expanduser()
+  return (root / "results.json").is_file() or any(
+      p.name.isdigit() for p in root.glob("checkpoints/*/*"))
 
 
 def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

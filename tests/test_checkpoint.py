@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -447,6 +448,10 @@ def test_a_changed_config_is_refused_naming_the_key(tmp_path):
             "train": {"experts": {"epochs": 6}, "log_every": 5}, "eval": {"batch_size": 4}}
   checkpoint.check_same_run(tmp_path, config)  # no config.json yet: anything goes
   checkpoint.save_config(tmp_path, config)
+  # Nothing trained yet (a run that failed early): a corrected config may replace it.
+  checkpoint.check_same_run(tmp_path, {**config, "seed": 1})
+  with StageCheckpoints(tmp_path, "experts", save_every=1) as ckpts:
+    ckpts.save(1, _state(1))
   checkpoint.check_same_run(tmp_path, config)
   # What does not change a trained stage may change.
   checkpoint.check_same_run(tmp_path, {**config, "eval": {"batch_size": 16},
@@ -460,3 +465,8 @@ def test_a_changed_config_is_refused_naming_the_key(tmp_path):
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"model.depth=3 differs .* \(None there\) \(and 1 more\)"):
     checkpoint.check_same_run(tmp_path, {**config, "model": {"depth": 3}})
+  # Results alone bind the config as well.
+  shutil.rmtree(tmp_path / "checkpoints")
+  (tmp_path / "results.json").write_text("{}")
+  with pytest.raises(checkpoint.CheckpointError, match="seed=1 differs"):
+    checkpoint.check_same_run(tmp_path, {**config, "seed": 1})

@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from moe_jax import checkpoint
+
 
 @pytest.mark.slow
 def test_a_stage_before_its_inputs_exist_says_what_to_run(run_main, tmp_path):
@@ -21,6 +23,11 @@ def test_a_stage_before_its_inputs_exist_says_what_to_run(run_main, tmp_path):
 
 @pytest.mark.slow
 def test_smoke_preset_prepares_the_data_and_saves_the_config(run_main, tmp_path):
+  # A first attempt with a wrong data path fails but leaves nothing that blocks the
+  # corrected command in the same workdir.
+  code, _, err = run_main("--config=configs/a2d2.py", "--config.data.data_dir=/no/such",
+                          workdir=tmp_path)
+  assert code != 0 and "does not exist" in err
   code, out, err = run_main("--config=configs/a2d2.py:smoke", "--stages=data",
                             workdir=tmp_path)
   assert code == 0, err[-2000:]
@@ -65,6 +72,12 @@ def test_smoke_preset_prepares_the_data_and_saves_the_config(run_main, tmp_path)
      "error: config key model.backbone_weights='/no/such.pth': no such file"),
     (["--config=configs/a2d2.py:smoke", "--stages=data,dance"],
      "error: unknown stage(s) dance; the stages: data, experts, baseline"),
+    (["--config=configs/a2d2.py:smoke", "--config.train.nonfinite=ignore", "--stages=experts"],
+     "error: config key train.nonfinite='ignore'; use 'stop' or 'skip'"),
+    # Diverges at once: stops at the step, exits non-zero, saves nothing non-finite.
+    (["--config=configs/a2d2.py:smoke", "--config.train.experts.optimizer.learning_rate=1e30",
+      "--stages=experts"], "error: experts: loss is nan at step 2; stopped, no checkpoint "
+     "was written yet"),
 ])
 def test_bad_input_gives_one_clear_line(run_main, tmp_path, args, message):
   code, out, err = run_main(*args, workdir=tmp_path / "run")
@@ -72,6 +85,8 @@ def test_bad_input_gives_one_clear_line(run_main, tmp_path, args, message):
   last = err.strip().splitlines()[-1]
   assert last.startswith(message), last
   assert "Traceback" not in err
+  # Nothing trained or measured was written, so nothing binds the workdir to this config.
+  assert not checkpoint.has_results(tmp_path / "run")
 
 
 def test_unwritable_workdir(run_main, tmp_path):

@@ -112,11 +112,19 @@ def test_rerun_skips_finished_stages_and_reproduces_the_results(smoke_run, run_m
 @pytest.mark.slow
 def test_rerun_with_another_config_is_refused_before_anything_runs(smoke_run, run_main):
   workdir, _, env = smoke_run
+  before = _files(workdir)
   code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
                             "--config.train.experts.epochs=3", workdir=workdir, env=env)
   assert code != 0 and "experts:" not in out
   assert err.strip().splitlines()[-1].startswith(
       "error: config key train.experts.epochs=3 differs from the run in ")
+  assert _files(workdir) == before  # the run's config, checkpoints and results untouched
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+  """{relative path: (size, mtime in ns)} of every file under `root`."""
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob("*") if p.is_file()}
 
 
 # ------------------------------------------------ restore: predicting with a finished run
@@ -205,6 +213,7 @@ def test_restore_from_a_stage_dir_and_its_clear_errors(smoke_run, tmp_path):
   (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
   with pytest.raises(CheckpointError, match="stage 'gate_simple' has not finished"):
     moe_jax.restore(tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # restoring writes nothing
 
 
 @pytest.mark.slow
