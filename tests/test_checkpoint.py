@@ -470,3 +470,27 @@ def test_a_changed_config_is_refused_naming_the_key(tmp_path):
   (tmp_path / "results.json").write_text("{}")
   with pytest.raises(checkpoint.CheckpointError, match="seed=1 differs"):
     checkpoint.check_same_run(tmp_path, {**config, "seed": 1})
+
+
+# ------------------------------------------------------------------- no code from files
+
+def test_no_loader_in_the_package_can_unpickle():
+  """Every file read goes through a loader that refuses code: Orbax and JSON for runs,
+  `np.load(..., allow_pickle=False)`, `torch.load(..., weights_only=True)`; nothing calls
+  pickle's loaders. (The refusals themselves are tested in test_plots.py and
+  test_pretrained.py with payloads that would run.)"""
+  calls = {"np.load(": "allow_pickle=False", "torch.load(": "weights_only=True"}
+  problems = []
+  for path in sorted(p for d in ("moe_jax", "data_pipelines", "benchmarks")
+                     for p in (REPO / d).rglob("*.py")):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      code = line.split("#")[0]
+      where = f"{path.relative_to(REPO)}:{number}"
+      for call, needed in calls.items():
+        if call in code and needed not in code:
+          problems.append(f"{where}: {call} without {needed}")
+      for unsafe in ("pickle.load", "allow_pickle=True", "weights_only=False", "cloudpickle",
+                     "dill"):
+        if unsafe in code:
+          problems.append(f"{where}: {unsafe}")
+  assert not problems, problems

@@ -147,3 +147,26 @@ def test_stacked_members_all_get_the_weights_and_bad_files_say_why(tmp_path):
   (tmp_path / "w.npz").write_bytes(b"")
   with pytest.raises(ValueError, match="unknown file type '.npz'"):
     pretrained.load_backbone(backbone.ResNet("resnet18", rngs=nnx.Rngs(0)), tmp_path / "w.npz")
+
+
+class _Payload:
+  """Unpickling this creates the file `marker`: what a malicious checkpoint would run."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return open, (self.marker, "w")
+
+
+def test_a_pth_holding_python_objects_is_refused_and_nothing_in_it_runs(tmp_path):
+  path, marker = tmp_path / "evil.pth", tmp_path / "ran"
+  state = _random_torch_resnet("resnet18").state_dict()
+  torch.save({**state, "extra": _Payload(marker)}, path)
+  with pytest.raises(ValueError, match=r"refused: the file holds Python objects besides "
+                     r"tensors \(io.open\), and they are not loaded"):
+    pretrained.read_state_dict(path)
+  assert not marker.exists()
+  # The payload is real: loading without weights_only runs it.
+  torch.load(path, weights_only=False)
+  assert marker.exists()

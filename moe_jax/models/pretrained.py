@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import pickle
+import re
 
 from flax import nnx
 import jax
@@ -42,7 +44,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError:
       raise ValueError(f"{_key(path)}: reading .pth needs PyTorch (pip install torch), or "
                        "convert the file to .safetensors.") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: tensors and containers only; any other object is refused unbuilt
+      state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+      found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+      what = f" ({found.group(1)})" if found else ""
+      raise ValueError(f"{_key(path)}: refused: the file holds Python objects besides "
+                       f"tensors{what}, and they are not loaded; save a plain state_dict() "
+                       "of tensors.") from None
     return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
   raise ValueError(f"{_key(path)}: unknown file type {path.suffix!r}; use a .pth or "
                    ".safetensors torchvision checkpoint.")
