@@ -115,8 +115,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     for name in ("experts", "baseline", "deep_ensemble"):
       config.train[name] = stage(batch_size=batch, epochs=1 if small else 5,
                                  eval_every_epochs=1 if small else 3, **adamw)
-    config.train.gate = stage(batch_size=batch, epochs=1 if small else 2, eval_every_epochs=1,
-                              **adamw)
+    config.train.gate = stage(batch_size=batch, epochs=2, eval_every_epochs=1, **adamw)
+    if small:  # two checkpoints per trained stage, so that a test can kill between them
+      config.train.experts.epochs = 2
     config.train.log_every = 1 if small else 5
     config.eval.batch_size = 4 if small else 16
     config.eval.mc_dropout_passes = (2,) if small else (2, 10)

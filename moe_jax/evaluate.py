@@ -259,7 +259,7 @@ def _json(value):
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-  """Named arrays in one .npz, atomically (plain arrays: np.load(path, allow_pickle=False) reads it)."""
+  """Named arrays in one .npz, atomically (plain arrays: read with allow_pickle=False)."""
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   checkpoint.write_atomic(path, buffer.getvalue())
