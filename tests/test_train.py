@@ -41,11 +41,16 @@ def test_unknown_optimizer_settings_name_the_key(key, value):
     train.make_optimizer(config, 10)
 
 
+# One optax transformation for every run below: each make_optimizer call makes new
+# closures, and a new one in the optimiser's static graph would recompile the step.
+_EXPERT_TX = train.make_optimizer(OPT, 4)
+
+
 def run_expert_steps(seed, steps=4):
   experts = moe.StackedExperts(moe.make_expert(SMALL, 3), 2, execution="unroll",
                                rngs=nnx.Rngs(seed))
   experts.train()
-  optimizer = nnx.Optimizer(experts, train.make_optimizer(OPT, steps), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(experts, _EXPERT_TX, wrt=nnx.Param)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 3, (2, 2, 16, 16)).astype(np.uint8)
   # Learnable: the image encodes the label in its red channel.
