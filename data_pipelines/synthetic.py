@@ -345,6 +345,24 @@ def _write_split(root: Path, splits_dir: Path, domain: str, part: str, count: in
   (splits_dir / f"{domain}_{part}.txt").write_text("\n".join(lines) + "\n")
 
 
+def _remove_abandoned_partials(root: Path) -> None:
+  """Deletes `<root>.partial-<pid>` trees whose process is gone (killed mid-write)."""
+  for partial in root.parent.glob(root.name + ".partial-*"):
+    pid = partial.name.rsplit("-", 1)[-1]
+    if pid.isdigit() and not _running(int(pid)):
+      shutil.rmtree(partial, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
 def generate(root: str | os.PathLike, *, num_train: int = 200, num_val: int = 30,
              num_test: int = 60, image_size: Sequence[int] = (120, 192), seed: int = 0) -> Path:
   """Writes a synthetic A2D2 tree; a no-op if `root` already holds the same one.
@@ -372,6 +390,7 @@ def generate(root: str | os.PathLike, *, num_train: int = 200, num_val: int = 30
       return root
     raise DataError(f"{root} exists but is not a synthetic tree made with {params}; "
                     "delete it or choose another data dir.")
+  _remove_abandoned_partials(root)
   partial = root.with_name(root.name + f".partial-{os.getpid()}")
   shutil.rmtree(partial, ignore_errors=True)
   splits_dir = partial / "splits"

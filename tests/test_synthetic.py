@@ -1,6 +1,9 @@
 """The synthetic scene generator: A2D2 layout, determinism, domains that differ."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -50,6 +53,19 @@ def test_same_arguments_reuse_the_tree_and_others_are_refused(tmp_path):
   with pytest.raises(DataError, match="exists but is not a synthetic tree"):
     synthetic.generate(root, **{**kwargs, "seed": 1})
   assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_a_tree_left_half_written_by_a_killed_run_is_removed_by_the_next(tmp_path):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  abandoned = tmp_path / f"t.partial-{dead}"
+  (abandoned / "splits").mkdir(parents=True)
+  alive = tmp_path / f"t.partial-{os.getpid()}x"  # not a pid: left alone
+  alive.mkdir()
+  root = synthetic.generate(tmp_path / "t", num_train=1, num_val=1, num_test=1,
+                            image_size=(24, 40))
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["t", alive.name])
+  assert (root / "synthetic.json").is_file()
 
 
 def test_domains_have_their_own_classes(tmp_path):
