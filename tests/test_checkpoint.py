@@ -456,7 +456,8 @@ def test_a_changed_config_is_refused_naming_the_key(tmp_path):
   # What does not change a trained stage may change.
   checkpoint.check_same_run(tmp_path, {**config, "eval": {"batch_size": 16},
                                        "model": {"width": 0.5, "deep_ensemble_members": 2},
-                                       "train": {"experts": {"epochs": 6}, "log_every": 1}})
+                                       "train": {"experts": {"epochs": 6}, "log_every": 1,
+                                                 "nonfinite": "skip"}})
   changed = {**config, "train": {"experts": {"epochs": 2}, "log_every": 5}}
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"config key train.experts.epochs=2 differs from the run in .* "
