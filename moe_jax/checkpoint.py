@@ -139,6 +139,9 @@ class StageCheckpoints:
     # can read item metadata before anything has been saved or restored through it.
     registry = ocp.handlers.create_default_handler_registry(
         **{_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
+    # Restoring some top-level keys only (the model without its optimiser state) needs
+    # the PyTree handler's partial restore; the standard handler reads whole trees.
+    registry.add(_STATE, ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
     self._remove_stale_tmp_dirs()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
@@ -272,28 +275,26 @@ class StageCheckpoints:
       stored = self._state_metadata(step)
     except Exception as e:
       raise _Unreadable from e
-    wanted = abstract_state
     if partial:
       missing = sorted(set(abstract_state) - set(stored))
       if missing:
         raise CheckpointError(f"checkpoint {path} has no {missing[0]!r} state (it has "
                               f"{', '.join(sorted(stored))}); is it a different stage's?")
-      # Orbax's standard handler restores whole trees: read the other keys as stored.
-      abstract_state = {key: abstract_state.get(key, jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), value))
-                        for key, value in stored.items()}
+      stored = {key: stored[key] for key in abstract_state}
     _check_compatible(path, stored, abstract_state)
     target = restore_target(abstract_state)
+    if partial:  # only the asked-for keys are read from disk
+      state_args = ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)
+    else:
+      state_args = ocp.args.StandardRestore(target)
     try:
       restored = self._manager.restore(
-          step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target),
-                                           _META: ocp.args.JsonRestore()}))
+          step, args=ocp.args.Composite(**{_STATE: state_args, _META: ocp.args.JsonRestore()}))
     except Exception as e:
       raise _Unreadable from e
-    state = restored[_STATE]
-    if partial:
-      state = {key: state[key] for key in wanted}
-    return state, dict(restored[_META])
+    return restored[_STATE], dict(restored[_META])
 
   def restore_best(self, abstract_state: PyTree, *, partial: bool = False
                    ) -> tuple[PyTree, dict]:
@@ -390,8 +391,7 @@ def restore_model(workdir: str | os.PathLike, stage: str, make: Callable[[], Any
 
   Returns:
     (model, meta): the model holding the checkpoint's "model" state, and the step's meta
-    dict. (Orbax's standard handler restores whole trees, so the optimiser state is read
-    too and dropped.)
+    dict. The optimiser state is not read (a partial restore).
 
   Raises:
     CheckpointError: the stage has not finished (or never ran) in `workdir`, or the
