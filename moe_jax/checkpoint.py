@@ -532,13 +532,17 @@ def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> 
 MUTABLE_CONFIG_KEYS = ("eval.", "train.log_every", "train.keep_checkpoints",
                        "train.nonfinite", "model.deep_ensemble_members",
                        "train.deep_ensemble.")
+# Keys added after workdirs existed, with the value that means "as before": a workdir whose
+# config.json lacks one of them matches a config holding that value.
+ADDED_CONFIG_KEYS = {"model.backbone_weights": ""}
 
 
 def check_same_run(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:
   """Refuses a config that differs from the one a workdir was run with.
 
   A rerun resumes or skips stages from checkpoints; with another model, data or training
-  config that would mix two runs. Keys in MUTABLE_CONFIG_KEYS may differ. A workdir without
+  config that would mix two runs. Keys in MUTABLE_CONFIG_KEYS may differ; a key of
+  ADDED_CONFIG_KEYS missing from a config counts as its old value. A workdir without
   config.json passes, and so does one without any checkpoint step or results.json: a run
   that failed before training anything (a bad data path, a typo in a value) must not
   block the corrected command.
@@ -550,6 +554,7 @@ def check_same_run(workdir: str | os.PathLike, config: Mapping[str, Any]) -> Non
   if not (root / CONFIG_FILE).is_file() or not has_results(root):
     return
   before, now = _flat_config(load_config(workdir)), _flat_config(config)
+  before, now = {**ADDED_CONFIG_KEYS, **before}, {**ADDED_CONFIG_KEYS, **now}
   changed = [key for key in sorted(before.keys() | now.keys())
              if before.get(key) != now.get(key)
              and not any(key == m or key.startswith(m) for m in MUTABLE_CONFIG_KEYS)]

@@ -469,6 +469,12 @@ def test_a_changed_config_is_refused_naming_the_key(tmp_path):
                                        "model": {"width": 0.5, "deep_ensemble_members": 2},
                                        "train": {"experts": {"epochs": 6}, "log_every": 1,
                                                  "nonfinite": "skip"}})
+  # A key added since, at its old meaning, matches a config.json written before it.
+  checkpoint.check_same_run(tmp_path, {**config, "model": {**config["model"],
+                                                           "backbone_weights": ""}})
+  with pytest.raises(checkpoint.CheckpointError, match="backbone_weights='r.pth' differs"):
+    checkpoint.check_same_run(tmp_path, {**config, "model": {**config["model"],
+                                                             "backbone_weights": "r.pth"}})
   changed = {**config, "train": {"experts": {"epochs": 2}, "log_every": 5}}
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"config key train.experts.epochs=2 differs from the run in .* "
