@@ -345,26 +345,26 @@ def corrupted_splits(config: ml_collections.ConfigDict) -> dict[str, tuple[str, 
 
 
 def _runs(config: ml_collections.ConfigDict) -> list[tuple]:
-  """(checkpoint stage, model factory, output function, {output key: method name}) per
-  compiled evaluation: one per gate type (the first also gives the experts and their
-  ensemble), the baseline with MC dropout for every T, the deep ensemble."""
+  """(checkpoint stages, model factories, output function, {output key: method name}) per
+  compiled evaluation: every gate type's MoE at once (the frozen experts run once and also
+  give the experts and their ensemble), the baseline with MC dropout for every T, the deep
+  ensemble."""
   names = input_pipeline.expert_names(config.data)
-  runs = []
-  for i, gate in enumerate(build.gate_types(config)):
-    rename = {"moe": f"moe_{gate}"}
-    if i == 0:
-      rename.update({"ensemble": "ensemble",
-                     **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(names)}})
-    runs.append((build.gate_stage(gate),
-                 lambda gate=gate: build.mixture(config, build.experts(config, len(names)), gate),
-                 methods.mixture_with(config.eval.moe_members, experts=i == 0), rename))
+  gates = build.gate_types(config)
+  rename = {"ensemble": "ensemble",
+            **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(names)},
+            **{f"moe_{i}": f"moe_{gate}" for i, gate in enumerate(gates)}}
+  runs = [(tuple(build.gate_stage(gate) for gate in gates),
+           tuple(lambda gate=gate: build.mixture(config, build.experts(config, len(names)),
+                                                 gate) for gate in gates),
+           methods.mixtures_with(config.eval.moe_members), rename)]
   passes = tuple(config.eval.mc_dropout_passes)
-  runs.append(("baseline", lambda: build.baseline(config),
+  runs.append((("baseline",), (lambda: build.baseline(config),),
                methods.single_and_mc_dropout_with(passes),
                {"model": "baseline", **{f"mc_dropout_{t}": f"mc_dropout_{t}" for t in passes}}))
   if config.model.deep_ensemble_members:
-    runs.append(("deep_ensemble", lambda: build.deep_ensemble(config), methods.deep_ensemble,
-                 {"deep_ensemble": "deep_ensemble"}))
+    runs.append((("deep_ensemble",), (lambda: build.deep_ensemble(config),),
+                 methods.deep_ensemble, {"deep_ensemble": "deep_ensemble"}))
   return runs
 
 
@@ -406,11 +406,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                              "frames_per_part": config.eval.corruption_frames_per_part,
                              "clean": clean}}
   models = {}
-  for stage, make, _, _ in runs:
-    if stage not in models:
-      models[stage], results["checkpoints"][stage] = checkpoint.restore_model(workdir, stage,
-                                                                              make)
-      models[stage].eval()
+  for stages, makers, _, _ in runs:
+    restored = []
+    for stage, make in zip(stages, makers):
+      model, results["checkpoints"][stage] = checkpoint.restore_model(workdir, stage, make)
+      model.eval()
+      restored.append(model)
+    models[stages] = restored[0] if len(restored) == 1 else tuple(restored)
   # Each disjoint part is evaluated once; a union split (all_test) sums its parts.
   parts = {split: input_pipeline.split_parts(config.data, split)
            for split in config.data.test_splits}
@@ -422,11 +424,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   with tqdm(total=len(reads) * len(runs), desc="evaluate", unit="run", mininterval=1.0,
             dynamic_ncols=True) as bar:
     for read, options in reads.items():
-      for stage, _, outputs, rename in runs:
+      for stages, _, outputs, rename in runs:
         batches = input_pipeline.eval_batches(config.data, read.split(":")[0],
                                               batch_size=config.eval.batch_size, **options)
         panel = {} if panel_images and read not in corrupted else None
-        for key, stats in accumulate(outputs, models[stage], batches, config.data.num_classes,
+        for key, stats in accumulate(outputs, models[stages], batches, config.data.num_classes,
                                      uncertainty=True, seed=config.seed,
                                      panel_images=panel_images,
                                      patch_size=config.eval.patch_size, panels=panel).items():

@@ -128,6 +128,28 @@ def mixture_outputs(out: dict[str, jax.Array], *, members: str = "weighted",
   return outputs
 
 
+def mixtures(moes: tuple[nnx.Module, ...], images: jax.Array, key: jax.Array, *,
+             members: str = "weighted") -> dict[str, Output]:
+  """Several MoEs around the same frozen experts (one per gate type) in one call, the
+  experts run once: {"moe_0", "moe_1", ..., "ensemble", "expert_0", ...} ("moe_<i>" is
+  `mixture`'s "moe" for moes[i]; the experts' outputs are moes[0]'s)."""
+  del key
+  expert_logits, aspp = jax.lax.stop_gradient(moes[0].experts(images))
+  outputs = {}
+  for i, moe in enumerate(moes):
+    out = mixture_outputs(moe.combine(expert_logits, aspp), members=members, experts=i == 0)
+    outputs[f"moe_{i}"] = out.pop("moe")
+    outputs.update(out)
+  return outputs
+
+
+@functools.cache
+def mixtures_with(members: str):
+  """`mixtures` with fixed options, the same object for the same options (see
+  `mixture_with`)."""
+  return functools.partial(mixtures, members=members)
+
+
 @functools.cache
 def mixture_with(members: str, experts: bool = True):
   """`mixture` with fixed options, as one reusable (hashable) output function: the same

@@ -37,6 +37,19 @@ def test_mixture_outputs_are_consistent_with_the_forward(gate):
     check_mixture_output(out, forward, gate, members)
 
 
+def test_mixtures_of_several_gates_equal_each_mixture_on_its_own():
+  moes = (tiny_moe("simple"), tiny_moe("classwise"))  # the same experts (same seed)
+  together, apart = nnx.jit(lambda ms, x: (methods.mixtures(ms, x, None), [
+      methods.mixture(m, x, None) for m in ms]))(moes, IMAGES)
+  assert set(together) == {"moe_0", "moe_1", "ensemble", "expert_0", "expert_1", "expert_2"}
+  expected = {"moe_0": apart[0]["moe"], "moe_1": apart[1]["moe"],
+              **{key: value for key, value in apart[0].items() if key != "moe"}}
+  for key, out in expected.items():
+    assert set(together[key]) == set(out), key
+    for name, value in out.items():
+      np.testing.assert_allclose(together[key][name], value, atol=1e-6, err_msg=key + name)
+
+
 def check_mixture_output(out, forward, gate, members):
   assert set(out) == {"moe", "ensemble", "expert_0", "expert_1", "expert_2"}
   moe_out = out["moe"]
