@@ -2,9 +2,14 @@
 
 This package never imports `moe_jax`; it hands out `tf.data.Dataset`s of dicts
 `{"image": uint8 [B,H,W,3], "label": uint8 [B,H,W], "domain": int32 [B], "frame": string [B]}`.
-The package itself does not import TensorFlow (so `DataError` is cheap to import); the
-modules that build datasets do, through `transforms`, which keeps TensorFlow off the GPU.
+`registry` names the datasets (see there for adding one). The package itself, `registry`
+and the metadata modules (`a2d2_meta`, `cityscapes_meta`) do not import TensorFlow, so class
+names, experts and splits are cheap to read; the modules that build datasets (`a2d2`,
+`cityscapes`) do, through `transforms`, which keeps TensorFlow off the GPU.
 """
+
+# The label of pixels no metric counts (unknown colours, unevaluated classes, padding).
+IGNORE_LABEL = 255
 
 
 class DataError(ValueError):

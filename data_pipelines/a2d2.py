@@ -11,7 +11,8 @@ Splits are list files in the reference format (one frame per line, e.g.
 matters). The reference work's highway / urban / ambiguous lists ship in `splits/a2d2/`.
 
 `A2D2Segmentation` is a TFDS builder whose manual dir is the A2D2 root: it decodes every
-RGB label once into class ids and writes shards; `dataset()` streams them.
+RGB label once into class ids and writes shards; `dataset()` streams them. The classes,
+domains and union splits are in `a2d2_meta`, which imports without TensorFlow.
 
 Deliberate difference from the reference code: its `encode_segmap` maps only the first
 colour of each class and turns the other 17 colours (Car 2-4, Bicycle 2-4, ...) into "Car".
@@ -36,69 +37,21 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import DataError, transforms
+from data_pipelines import IGNORE_LABEL, DataError, transforms
+from data_pipelines.a2d2_meta import CLASS_NAMES, COMBINED_SPLITS, DOMAINS, class_id
 
 # Every set of split lists is its own BuilderConfig by design (named by the lists' hash);
 # TFDS warns "Using custom data configuration" each time one is opened. Silence only that.
 logging.getLogger("absl").addFilter(
     lambda record: "Using custom data configuration" not in record.getMessage())
 
-CLASS_NAMES = (
-    "Car", "Bicycle", "Pedestrian", "Truck", "Small vehicles", "Traffic signal",
-    "Traffic sign", "Utility vehicle", "Sidebars", "Speed bumper", "Curbstone", "Solid line",
-    "Irrelevant signs", "Road blocks", "Tractor", "Non-drivable street", "Zebra crossing",
-    "Obstacles / trash", "Poles", "RD restricted area", "Animals", "Grid structure",
-    "Signal corpus", "Drivable cobblestone", "Electronic traffic", "Slow drive area",
-    "Nature object", "Parking area", "Sidewalk", "Ego car", "Painted driv. instr.",
-    "Traffic guide obj.", "Dashed line", "RD normal street", "Sky", "Buildings",
-    "Blurred area", "Rain dirt",
-)
-NUM_CLASSES = len(CLASS_NAMES)
-IGNORE_LABEL = transforms.IGNORE_LABEL
-
-# The class_list.json of the A2D2 release: 55 colours, 38 classes once the instance
-# number is dropped. The raw data carries its own copy; this one writes synthetic trees.
-REFERENCE_CLASS_LIST = {
-    "#ff0000": "Car 1", "#c80000": "Car 2", "#960000": "Car 3", "#800000": "Car 4",
-    "#b65906": "Bicycle 1", "#963204": "Bicycle 2", "#5a1e01": "Bicycle 3",
-    "#5a1e1e": "Bicycle 4", "#cc99ff": "Pedestrian 1", "#bd499b": "Pedestrian 2",
-    "#ef59bf": "Pedestrian 3", "#ff8000": "Truck 1", "#c88000": "Truck 2",
-    "#968000": "Truck 3", "#00ff00": "Small vehicles 1", "#00c800": "Small vehicles 2",
-    "#009600": "Small vehicles 3", "#0080ff": "Traffic signal 1",
-    "#1e1c9e": "Traffic signal 2", "#3c1c64": "Traffic signal 3",
-    "#00ffff": "Traffic sign 1", "#1edcdc": "Traffic sign 2", "#3c9dc7": "Traffic sign 3",
-    "#ffff00": "Utility vehicle 1", "#ffffc8": "Utility vehicle 2", "#e96400": "Sidebars",
-    "#6e6e00": "Speed bumper", "#808000": "Curbstone", "#ffc125": "Solid line",
-    "#400040": "Irrelevant signs", "#b97a57": "Road blocks", "#000064": "Tractor",
-    "#8b636c": "Non-drivable street", "#d23273": "Zebra crossing",
-    "#ff0080": "Obstacles / trash", "#fff68f": "Poles", "#960096": "RD restricted area",
-    "#ccff99": "Animals", "#eea2ad": "Grid structure", "#212cb1": "Signal corpus",
-    "#b432b4": "Drivable cobblestone", "#ff46b9": "Electronic traffic",
-    "#eee9bf": "Slow drive area", "#93fdc2": "Nature object", "#9696c8": "Parking area",
-    "#b496c8": "Sidewalk", "#48d1cc": "Ego car", "#c87dd2": "Painted driv. instr.",
-    "#9f79ee": "Traffic guide obj.", "#8000ff": "Dashed line", "#ff00ff": "RD normal street",
-    "#87ceff": "Sky", "#f1e6ff": "Buildings", "#60458f": "Blurred area",
-    "#352e52": "Rain dirt",
-}
-
 REFERENCE_SPLIT_DIR = Path(__file__).parent / "splits" / "a2d2"
-# Domain ids: experts are trained on 0 (highway) and 1 (urban); 2 (ambiguous) is OOD.
-DOMAINS = ("highway", "urban", "ambiguous")
-# The reference's "all" splits are highway followed by urban.
-COMBINED_SPLITS = {f"all_{part}": f"highway_{part}+urban_{part}"
-                   for part in ("train", "val", "test")}
 
 _FRAME_RE = re.compile(r"(\d{14})_(?:label|camera)_frontcenter_(\d+)\.png$")
 _HEX_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
 # ----------------------------------------------------------------------------- labels
-
-
-def class_id(name: str) -> int:
-  """Class id of a class_list.json name: "Car 3" -> 0, "Sky" -> 34 (instance number dropped)."""
-  base = re.sub(r"\s+\d+$", "", name.strip())
-  return CLASS_NAMES.index(base)
 
 
 def read_class_list(path: str | os.PathLike) -> dict[str, str]:

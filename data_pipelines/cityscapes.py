@@ -6,8 +6,10 @@ its shards from them once, offline, and every later call reads the shards. Label
 as labelIds (0..33) and mapped to the 19 trainIds at stream time, so the prepared shards stay
 the unmodified TFDS dataset.
 
-Experts specialise on groups of training cities: `expert_groups` splits the 18 training
-cities into groups, and each training example's "domain" is the index of its city's group.
+Experts specialise on groups of training cities: `cityscapes_meta.expert_groups` splits the
+18 training cities into groups, and each training example's "domain" is the index of its
+city's group. The classes, cities and groups are in `cityscapes_meta`, which imports without
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -21,26 +23,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_pipelines import DataError, transforms
-
-NUM_CLASSES = 19
-CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
-)
+from data_pipelines import IGNORE_LABEL, DataError, transforms
+from data_pipelines.cityscapes_meta import NUM_CLASSES, expert_groups
 
 # labelIds of the 19 evaluated classes in trainId order (cityscapesScripts labels.py). Every
 # other labelId, including license plate (-1, which a uint8 PNG cannot hold), is ignored.
 _EVALUATED_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-LABEL_ID_TO_TRAIN_ID = np.full(256, transforms.IGNORE_LABEL, np.uint8)
+LABEL_ID_TO_TRAIN_ID = np.full(256, IGNORE_LABEL, np.uint8)
 LABEL_ID_TO_TRAIN_ID[list(_EVALUATED_LABEL_IDS)] = np.arange(NUM_CLASSES)
-
-TRAIN_CITIES = (
-    "aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf", "erfurt", "hamburg",
-    "hanover", "jena", "krefeld", "monchengladbach", "strasbourg", "stuttgart", "tubingen",
-    "ulm", "weimar", "zurich",
-)
 
 _TFDS_NAME = "cityscapes/semantic_segmentation"
 _ZIPS = {
@@ -65,52 +55,6 @@ def train_ids(label: tf.Tensor) -> tf.Tensor:
 def cities(frame: tf.Tensor) -> tf.Tensor:
   """Returns the city of Cityscapes image ids: string [...] `city_seq_frame` -> string [...]."""
   return tf.strings.regex_replace(frame, "_.*", "")
-
-
-def expert_groups(groups: int | Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
-  """Groups the 18 training cities for the experts.
-
-  An int N (1..18) sorts the cities alphabetically (the order of `TRAIN_CITIES`) and cuts them
-  into N contiguous groups whose sizes differ by at most one, larger groups first
-  (`numpy.array_split`): N=4 gives sizes 5, 5, 4, 4. The result depends on N alone.
-
-  Explicit groups are returned as given after validation: every name must be a training city,
-  no city may appear twice and no group may be empty. Cities left out of every group belong
-  to no expert (domain -1).
-
-  Args:
-    groups: N, or a sequence of groups, each a sequence of city names.
-
-  Returns:
-    One tuple of city names per group.
-
-  Raises:
-    DataError: N out of range, or an unknown, repeated or missing city in explicit groups.
-  """
-  if isinstance(groups, (int, np.integer)):
-    if not 1 <= groups <= len(TRAIN_CITIES):
-      raise DataError(f"groups={groups}: the number of expert groups must be in "
-                      f"1..{len(TRAIN_CITIES)}, or pass explicit groups of city names")
-    return tuple(tuple(str(city) for city in part)
-                 for part in np.array_split(TRAIN_CITIES, groups))
-  if not groups:
-    raise DataError("groups: no expert groups given; pass an int in 1..18 or a non-empty "
-                    "sequence of groups of training cities")
-  seen = set()
-  for k, group in enumerate(groups):
-    # A bare string is a sequence of letters, which would otherwise read as unknown cities.
-    if isinstance(group, str) or not group:
-      raise DataError(f"groups[{k}]={group!r}: each expert group must be a non-empty sequence "
-                      "of city names, e.g. ('aachen', 'bochum')")
-    for city in group:
-      if city not in TRAIN_CITIES:
-        raise DataError(f"groups[{k}]: {city!r} is not a Cityscapes training city; use names "
-                        f"from: {', '.join(TRAIN_CITIES)}")
-      if city in seen:
-        raise DataError(f"groups[{k}]: {city!r} is already in an earlier group; put each "
-                        "city in at most one expert group")
-      seen.add(city)
-  return tuple(tuple(group) for group in groups)
 
 
 def _check_manual_dir(data_dir: str) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipelines import DataError
-from data_pipelines.a2d2 import CLASS_NAMES, REFERENCE_CLASS_LIST, class_id
+from data_pipelines.a2d2_meta import CLASS_NAMES, REFERENCE_CLASS_LIST, class_id
 
 # Class id -> the A2D2 label colours of that class (instances choose one).
 _LABEL_COLOURS = [[] for _ in CLASS_NAMES]

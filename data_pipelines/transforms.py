@@ -15,8 +15,6 @@ import tensorflow_datasets as tfds
 # tf.data runs on the host. Keep TensorFlow away from any accelerator so JAX owns it.
 tf.config.set_visible_devices([], "GPU")
 
-IGNORE_LABEL = 255
-
 
 def read_config(seed: int, train: bool) -> tfds.ReadConfig:
   """TFDS read options for `stream`: the file order is seeded and the same every epoch.

@@ -1,4 +1,9 @@
-"""The boundary between the data pipelines (tf.data) and the library: config -> batches."""
+"""The boundary between the data pipelines (tf.data) and the library: config -> batches.
+
+Every dataset question goes to `data_pipelines.registry.get(data.name)`; nothing here
+depends on which dataset it is. Importing this module does not import TensorFlow: only
+reading data does (`prepare`, `dataset`, `num_examples` and the batch iterators).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,7 @@ from typing import Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from data_pipelines import DataError, a2d2, cityscapes, corruptions, synthetic
-from data_pipelines.transforms import IGNORE_LABEL
+from data_pipelines import IGNORE_LABEL, DataError, corruptions, registry
 
 
 def resolve_paths(data: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
@@ -22,7 +26,7 @@ def resolve_paths(data: ml_collections.ConfigDict, workdir: str | os.PathLike) -
 
 
 def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
-  """Generates synthetic data if asked, writes the TFDS shards once, counts the frames.
+  """Checks the data section, then prepares the dataset once (see data_pipelines.registry).
 
   Args:
     data: the config's `data` section with resolved paths.
@@ -33,6 +37,7 @@ def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
   Raises:
     DataError: with one line naming the path or key and the fix.
   """
+  entry = registry.get(data.name)
   size = tuple(data.image_size)
   if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
     raise DataError(f"config key data.image_size={size!r} must be two positive ints "
@@ -43,74 +48,44 @@ def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
   if not data.data_dir:
     raise DataError(f"config key data.data_dir is empty; set --config.data.data_dir=/path/to/"
                     f"{data.name}, or run the demo with --config configs/a2d2.py:synthetic.")
-  if data.name == "a2d2":
-    if data.synthetic is not None:
-      synthetic.generate(data.data_dir, **data.synthetic.to_dict())
-    builder = a2d2.prepare(data.data_dir, split_dir=data.split_dir or None,
-                           tfds_dir=data.tfds_dir or None)
-    splits = [f"{e}_train" for e in data.experts] + ["all_train", data.val_split,
-                                                     *data.test_splits]
-    return {s: a2d2.num_examples(s, builder) for s in dict.fromkeys(splits)}
-  if data.name == "cityscapes":
-    cityscapes.expert_groups(data.groups)  # validates before the long preparation
-    builder = cityscapes.prepare(data.data_dir, tfds_dir=data.tfds_dir or None)
-    return {name: split.num_examples for name, split in builder.info.splits.items()}
-  raise DataError(f"config key data.name={data.name!r} is unknown; use 'a2d2' or 'cityscapes'.")
+  return entry.prepare(data)
 
 
 def dataset(data: ml_collections.ConfigDict, split: str, *, batch_size: int, train: bool,
             seed: int, start: int = 0):
-  """Batches of `split` as a tf.data.Dataset (see data_pipelines.a2d2.dataset).
+  """Batches of `split` as a tf.data.Dataset (see data_pipelines.registry.Dataset.dataset).
 
   `start` (training only) is the index of the first frame of the endless stream.
   """
-  common = dict(image_size=tuple(data.image_size), batch_size=batch_size, train=train,
-                seed=seed, tfds_dir=data.tfds_dir or None, shuffle_buffer=data.shuffle_buffer,
-                start=start)
-  if data.name == "a2d2":
-    return a2d2.dataset(data.data_dir, split, split_dir=data.split_dir or None, **common)
-  return cityscapes.dataset(data.data_dir, split, groups=data.groups, **common)
+  return registry.get(data.name).dataset(data, split, batch_size=batch_size, train=train,
+                                         seed=seed, start=start)
 
 
 def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
   """Frames in `split`."""
-  if data.name == "a2d2":
-    builder = a2d2.prepare(data.data_dir, split_dir=data.split_dir or None,
-                           tfds_dir=data.tfds_dir or None)
-    return a2d2.num_examples(split, builder)
-  return cityscapes.num_examples(data.data_dir, split, groups=data.groups,
-                                 tfds_dir=data.tfds_dir or None)
+  return registry.get(data.name).num_examples(data, split)
 
 
 def split_parts(data: ml_collections.ConfigDict, split: str) -> list[str]:
   """The disjoint splits a split is the union of (A2D2's all_* = highway_* + urban_*), else
   [split]; statistics of the parts sum to those of the whole."""
-  if data.name == "a2d2" and split in a2d2.COMBINED_SPLITS:
-    return a2d2.COMBINED_SPLITS[split].split("+")
-  return [split]
+  return registry.get(data.name).split_parts(data, split)
 
 
 def expert_names(data: ml_collections.ConfigDict) -> list[str]:
   """One name per expert: A2D2 domains ("highway", "urban"), Cityscapes "group<k>"."""
-  if data.name == "a2d2":
-    return list(data.experts)
-  return [f"group{k}" for k in range(len(cityscapes.expert_groups(data.groups)))]
+  return registry.get(data.name).expert_names(data)
 
 
 def class_names(data: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The names of the C classes, in class-id order."""
-  return a2d2.CLASS_NAMES if data.name == "a2d2" else cityscapes.CLASS_NAMES
+  return registry.get(data.name).class_names(data)
 
 
 def expert_split(data: ml_collections.ConfigDict, name: str, part: str) -> str:
-  """The split expert `name` trains ("train") or validates ("val") on.
-
-  Cityscapes has no per-group validation cities, so every expert validates on the whole
-  validation split.
-  """
-  if part == "val" and data.name == "cityscapes":
-    return data.val_split
-  return f"{name}_{part}"
+  """The split expert `name` trains ("train") or validates ("val") on (Cityscapes' experts
+  all validate on the whole validation split)."""
+  return registry.get(data.name).expert_split(data, name, part)
 
 
 def train_batches(data: ml_collections.ConfigDict, splits: Sequence[str], *, batch_size: int,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import DataError, a2d2
+from data_pipelines import DataError, a2d2, a2d2_meta
 
 
 def hex_rgb(colour):
@@ -18,34 +18,34 @@ def hex_rgb(colour):
 
 
 def test_class_names_are_the_38_reference_classes():
-  assert len(a2d2.CLASS_NAMES) == 38 == a2d2.NUM_CLASSES
-  assert a2d2.CLASS_NAMES[0] == "Car" and a2d2.CLASS_NAMES[33] == "RD normal street"
-  assert a2d2.CLASS_NAMES[-1] == "Rain dirt"
+  assert len(a2d2_meta.CLASS_NAMES) == 38 == a2d2_meta.NUM_CLASSES
+  assert a2d2_meta.CLASS_NAMES[0] == "Car" and a2d2_meta.CLASS_NAMES[33] == "RD normal street"
+  assert a2d2_meta.CLASS_NAMES[-1] == "Rain dirt"
 
 
 def test_every_one_of_the_55_colours_maps_to_its_class():
-  class_list = a2d2.REFERENCE_CLASS_LIST
+  class_list = a2d2_meta.REFERENCE_CLASS_LIST
   assert len(class_list) == 55
   rgb = np.array([[hex_rgb(c) for c in class_list]], np.uint8)  # [1, 55, 3]
   ids = a2d2.decode_label(rgb, class_list)[0]
   for colour_id, name in zip(ids, class_list.values()):
     base = name.rsplit(" ", 1)[0] if name[-1].isdigit() else name
-    assert a2d2.CLASS_NAMES[colour_id] == base, name
+    assert a2d2_meta.CLASS_NAMES[colour_id] == base, name
   # The 17 extra colours (Car 2-4, ...) keep their class: the reference turned them into Car.
-  assert np.count_nonzero(ids == a2d2.CLASS_NAMES.index("Car")) == 4
+  assert np.count_nonzero(ids == a2d2_meta.CLASS_NAMES.index("Car")) == 4
   assert sorted(set(ids.tolist())) == list(range(38))
 
 
 def test_unknown_colour_is_ignored_and_alpha_is_dropped():
-  class_list = a2d2.REFERENCE_CLASS_LIST
+  class_list = a2d2_meta.REFERENCE_CLASS_LIST
   rgba = np.array([[[255, 0, 0, 0], [1, 2, 3, 255], [135, 206, 255, 7]]], np.uint8)
   np.testing.assert_array_equal(a2d2.decode_label(rgba, class_list), [[0, 255, 34]])
 
 
 def test_class_id_drops_the_instance_number_only():
-  assert a2d2.class_id("Car 3") == 0
-  assert a2d2.class_id("Obstacles / trash") == 17
-  assert a2d2.class_id("Painted driv. instr.") == 30
+  assert a2d2_meta.class_id("Car 3") == 0
+  assert a2d2_meta.class_id("Obstacles / trash") == 17
+  assert a2d2_meta.class_id("Painted driv. instr.") == 30
 
 
 @pytest.mark.parametrize("content, message", [
@@ -134,7 +134,7 @@ def test_dataset_shapes_dtypes_and_domains(a2d2_root, tfds_dir):
   domains = np.concatenate([b["domain"] for b in batches])
   assert sorted(domains.tolist()) == [0] * 4 + [1] * 4
   labels = np.concatenate([b["label"] for b in batches])
-  assert labels.max() < a2d2.NUM_CLASSES  # the generator only paints listed colours
+  assert labels.max() < a2d2_meta.NUM_CLASSES  # the generator only paints listed colours
 
 
 def test_ambiguous_split_has_domain_2_and_frame_names(a2d2_root, tfds_dir):
@@ -305,4 +305,4 @@ def test_failed_prepare_then_fixed_tree_prepares(broken_root, tmp_path):
   builder = a2d2.prepare(broken_root, split_dir=broken_root / "splits",
                          tfds_dir=tmp_path / "tfds")
   assert a2d2.num_examples("all_train", builder) == 16
-  assert json.loads(class_list.read_text()) == a2d2.REFERENCE_CLASS_LIST
+  assert json.loads(class_list.read_text()) == a2d2_meta.REFERENCE_CLASS_LIST

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_pipelines import DataError, cityscapes
+from data_pipelines import DataError, cityscapes, cityscapes_meta
 
 # cityscapesScripts helpers/labels.py: (name, labelId, trainId); trainId 255/-1 = ignored.
 OFFICIAL_LABELS = (
@@ -110,45 +110,45 @@ def test_every_byte_outside_the_19_classes_is_ignored():
 
 def test_class_names_in_train_id_order():
   names = sorted((t, name) for name, _, t in OFFICIAL_LABELS if 0 <= t < 255)
-  assert cityscapes.CLASS_NAMES == tuple(name for _, name in names)
-  assert len(cityscapes.CLASS_NAMES) == cityscapes.NUM_CLASSES == 19
+  assert cityscapes_meta.CLASS_NAMES == tuple(name for _, name in names)
+  assert len(cityscapes_meta.CLASS_NAMES) == cityscapes_meta.NUM_CLASSES == 19
 
 
 # --- expert groups ------------------------------------------------------------------------
 
 
 def test_train_cities_are_the_18_official_ones_sorted():
-  assert len(set(cityscapes.TRAIN_CITIES)) == 18
-  assert list(cityscapes.TRAIN_CITIES) == sorted(cityscapes.TRAIN_CITIES)
-  assert {"aachen", "monchengladbach", "zurich"} <= set(cityscapes.TRAIN_CITIES)
-  assert not {"frankfurt", "lindau", "munster", "berlin"} & set(cityscapes.TRAIN_CITIES)
+  assert len(set(cityscapes_meta.TRAIN_CITIES)) == 18
+  assert list(cityscapes_meta.TRAIN_CITIES) == sorted(cityscapes_meta.TRAIN_CITIES)
+  assert {"aachen", "monchengladbach", "zurich"} <= set(cityscapes_meta.TRAIN_CITIES)
+  assert not {"frankfurt", "lindau", "munster", "berlin"} & set(cityscapes_meta.TRAIN_CITIES)
 
 
 @pytest.mark.parametrize("n, sizes", [
     (1, [18]), (2, [9, 9]), (3, [6, 6, 6]), (4, [5, 5, 4, 4]), (18, [1] * 18)])
 def test_expert_groups_by_count(n, sizes):
-  groups = cityscapes.expert_groups(n)
+  groups = cityscapes_meta.expert_groups(n)
   assert [len(g) for g in groups] == sizes
   # Contiguous runs of the sorted cities: concatenating restores TRAIN_CITIES exactly.
-  assert tuple(c for g in groups for c in g) == cityscapes.TRAIN_CITIES
-  assert cityscapes.expert_groups(n) == groups
+  assert tuple(c for g in groups for c in g) == cityscapes_meta.TRAIN_CITIES
+  assert cityscapes_meta.expert_groups(n) == groups
   assert all(type(c) is str for g in groups for c in g)
 
 
 def test_expert_groups_two_split_at_hanover():
-  first, second = cityscapes.expert_groups(2)
+  first, second = cityscapes_meta.expert_groups(2)
   assert (first[0], first[-1], second[0], second[-1]) == ("aachen", "hanover", "jena", "zurich")
 
 
 @pytest.mark.parametrize("n", [0, -1, 19])
 def test_expert_groups_count_out_of_range(n):
   with pytest.raises(DataError, match=r"1\.\.18"):
-    cityscapes.expert_groups(n)
+    cityscapes_meta.expert_groups(n)
 
 
 def test_explicit_groups_kept_as_given():
   groups = [["zurich", "aachen"], ("ulm",)]
-  assert cityscapes.expert_groups(groups) == (("zurich", "aachen"), ("ulm",))
+  assert cityscapes_meta.expert_groups(groups) == (("zurich", "aachen"), ("ulm",))
 
 
 @pytest.mark.parametrize("groups, message", [
@@ -160,7 +160,7 @@ def test_explicit_groups_kept_as_given():
 ])
 def test_explicit_group_errors(groups, message):
   with pytest.raises(DataError, match=message) as error:
-    cityscapes.expert_groups(groups)
+    cityscapes_meta.expert_groups(groups)
   assert "\n" not in str(error.value)
 
 

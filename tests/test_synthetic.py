@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import DataError, a2d2, synthetic
+from data_pipelines import DataError, a2d2, a2d2_meta, synthetic
 
 
 def read_labels(root, split):
@@ -20,7 +20,7 @@ def read_labels(root, split):
 
 
 def test_tree_is_in_the_a2d2_layout(a2d2_root):
-  assert json.loads((a2d2_root / "class_list.json").read_text()) == a2d2.REFERENCE_CLASS_LIST
+  assert json.loads((a2d2_root / "class_list.json").read_text()) == a2d2_meta.REFERENCE_CLASS_LIST
   files = a2d2.split_files(a2d2_root / "splits")
   assert sorted(files) == ["ambiguous_test", "highway_test", "highway_train", "highway_val",
                            "urban_test", "urban_train", "urban_val"]
@@ -73,7 +73,7 @@ def test_domains_have_their_own_classes(tmp_path):
                             image_size=(60, 96), seed=0)
   freq = {d: np.bincount(np.concatenate([l.ravel() for l in read_labels(root, f"{d}_train")]),
                          minlength=256)[:38] for d in ("highway", "urban")}
-  c = {name: i for i, name in enumerate(a2d2.CLASS_NAMES)}
+  c = {name: i for i, name in enumerate(a2d2_meta.CLASS_NAMES)}
   for urban_only in ("Buildings", "Sidewalk", "Zebra crossing", "Pedestrian", "Curbstone"):
     assert freq["urban"][c[urban_only]] > 0 and freq["highway"][c[urban_only]] == 0
   for highway_only in ("Nature object", "Sidebars", "Solid line", "Truck"):
@@ -89,7 +89,7 @@ def test_all_55_colours_occur_and_nothing_else(tmp_path):
   for path in root.glob("*/label/cam_front_center/*.png"):
     rgb = np.asarray(Image.open(path)).reshape(-1, 3)
     colours |= {"#%02x%02x%02x" % tuple(c) for c in np.unique(rgb, axis=0)}
-  assert colours == set(a2d2.REFERENCE_CLASS_LIST)
+  assert colours == set(a2d2_meta.REFERENCE_CLASS_LIST)
 
 
 def test_images_are_textured_not_flat(a2d2_root):
@@ -97,5 +97,5 @@ def test_images_are_textured_not_flat(a2d2_root):
   frame = a2d2.parse_split_list(a2d2_root / "splits" / "highway_train.txt")[0]
   image = np.asarray(Image.open(frame.camera_path(a2d2_root)), np.float32)
   label = read_labels(a2d2_root, "highway_train")[0]
-  sky = image[label == a2d2.CLASS_NAMES.index("Sky")]
+  sky = image[label == a2d2_meta.CLASS_NAMES.index("Sky")]
   assert sky.std(axis=0).min() > 2.0
