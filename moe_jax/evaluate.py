@@ -47,6 +47,7 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
     if measure in output:
       u = output[measure]
       stats[f"histogram/{measure}"] = metrics.uncertainty_histogram(u, correct, valid)
+      stats[f"detection/{measure}"] = metrics.detection_histogram(u, correct, valid)
       stats[f"calibration/{measure}"] = metrics.calibration_histogram(1.0 - u, correct, valid,
                                                                       fine)
       stats[f"per_image/{measure}"] = metrics.per_image_sums(u, correct, valid,
@@ -200,7 +201,10 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
   "pavpu_reference": [T], **CAL (of confidence 1 - u), "auroc_misclassification",
   "aupr_misclassification", "aurc", "per_image": {the four curves, the reference's mean
   over images}, "patch": {the four curves over patches} (when accumulated)}}}, where
-  CAL = {"ece", "mce", "adaptive_ece", "adaptive_mce"}; nan is written as null.
+  CAL = {"ece", "mce", "adaptive_ece", "adaptive_mce"}; nan is written as null. The curves
+  come from the 1000-bin histogram (exact at the thresholds), the misclassification AUROC
+  and AUPR (incorrect = positive) and the AURC from the detection histogram (within the
+  bounds of docs/metrics.md of the per-pixel values).
   """
   confusion = stats["confusion"]
   entry = {"miou": metrics.mean_iou(confusion), "pixel_accuracy": metrics.pixel_accuracy(confusion),
@@ -215,15 +219,15 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
   for measure in methods.MEASURES:
     if f"histogram/{measure}" not in stats:
       continue
-    histogram = stats[f"histogram/{measure}"]
+    histogram, detection = stats[f"histogram/{measure}"], stats[f"detection/{measure}"]
     curves = metrics.conditional_correctness_from_histogram(histogram, thresholds)
     values = entry["uncertainty"][measure] = {
         **{key: curves[key] for key in CURVES},
         **_calibration(stats[f"calibration/{measure}"]),
-        "auroc_misclassification": metrics.auroc_from_histograms(histogram[1], histogram[0]),
-        "aupr_misclassification": metrics.average_precision_from_histograms(histogram[1],
-                                                                            histogram[0]),
-        "aurc": metrics.risk_coverage_from_histogram(histogram)["aurc"],
+        "auroc_misclassification": metrics.auroc_from_histograms(detection[1], detection[0]),
+        "aupr_misclassification": metrics.average_precision_from_histograms(detection[1],
+                                                                            detection[0]),
+        "aurc": metrics.risk_coverage_from_histogram(detection)["aurc"],
         "per_image": metrics.per_image_conditional_correctness(stats[f"per_image/{measure}"]),
     }
     if f"patch_histogram/{measure}" in stats:
@@ -235,10 +239,11 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
 
 def ood_detection(in_stats: dict[str, np.ndarray], out_stats: dict[str, np.ndarray]) -> dict:
   """Per measure, in-distribution pixels vs out-of-distribution pixels (OOD = positive):
-  {"auroc", "fpr_at_95_tpr"} from the two splits' histograms (correct + incorrect)."""
+  {"auroc", "fpr_at_95_tpr"} from the two splits' detection histograms (correct +
+  incorrect)."""
   result = {}
   for measure in methods.MEASURES:
-    key = f"histogram/{measure}"
+    key = f"detection/{measure}"
     if key in in_stats and key in out_stats:
       negatives, positives = in_stats[key].sum(0), out_stats[key].sum(0)
       result[measure] = {

@@ -1,8 +1,9 @@
-"""Segmentation metrics from confusion matrices (mergeable by summing).
+"""Segmentation metrics from confusion matrices and histograms (mergeable by summing).
 
-A confusion matrix is computed per batch on the device (int32, jit-able) and summed on
-the host in int64, so its memory does not depend on the number of images and two
-partial results (devices, hosts, shards of a split) merge by addition.
+A confusion matrix or histogram is computed per batch on the device (jit-able) and summed
+on the host in int64 / float64, so its memory does not depend on the number of images and
+two partial results (devices, hosts, shards of a split) merge by addition. The
+conventions and the exactness of each metric are in docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 
 IGNORE_LABEL = 255
 
@@ -80,7 +82,7 @@ def uncertainty_histogram(uncertainty: jax.Array, correct: jax.Array, valid: jax
   """Counts of valid pixels per uncertainty bin, split by correctness (jit-able).
 
   Bin b holds edges[b] <= u < edges[b + 1] (u = 1 in the last bin), computed against the
-  same float32 edges the thresholds use, so "certain" (u < t) at any edge t is exact.
+  same float32 edges the thresholds use, so "certain" (u < t) at any edge t < 1 is exact.
 
   Args:
     uncertainty: normalised uncertainty in [0, 1], any shape.
@@ -90,7 +92,13 @@ def uncertainty_histogram(uncertainty: jax.Array, correct: jax.Array, valid: jax
   Returns:
     int32 [2, num_bins]: row 0 incorrect, row 1 correct.
   """
-  bins = _uncertainty_bins(uncertainty.reshape(-1), num_bins)
+  return _split_counts(_uncertainty_bins(uncertainty.reshape(-1), num_bins), correct, valid,
+                       num_bins)
+
+
+def _split_counts(bins: jax.Array, correct: jax.Array, valid: jax.Array,
+                  num_bins: int) -> jax.Array:
+  """int32 [2, num_bins] counts of the valid entries of int bins [N] (row 1 correct)."""
   index = jnp.where(valid.reshape(-1), correct.reshape(-1).astype(jnp.int32) * num_bins + bins,
                     2 * num_bins)
   return jnp.bincount(index, length=2 * num_bins + 1)[:-1].reshape(2, num_bins).astype(jnp.int32)
@@ -104,10 +112,12 @@ def _uncertainty_bins(uncertainty: jax.Array, num_bins: int) -> jax.Array:
 
 
 def _edge_indices(thresholds: np.ndarray, num_bins: int) -> np.ndarray:
-  """Indices k of thresholds t = k / num_bins; ValueError for one off the bin edges."""
+  """Indices k of thresholds t = k / num_bins < 1; ValueError for one off the bin edges or
+  for t = 1: the last bin holds u = 1 with the u just below it, so u < 1 is not countable
+  (`conditional_correctness` takes t = 1)."""
   k = np.rint(np.asarray(thresholds, np.float64) * num_bins).astype(int)
-  if not np.allclose(k / num_bins, thresholds):
-    raise ValueError(f"thresholds must lie on the {num_bins} histogram bin edges")
+  if not np.allclose(k / num_bins, thresholds) or np.any(k < 0) or np.any(k >= num_bins):
+    raise ValueError(f"thresholds must lie on the {num_bins} histogram bin edges in [0, 1)")
   return k
 
 
@@ -116,13 +126,14 @@ def conditional_correctness_from_histogram(histogram: np.ndarray,
                                            ) -> dict[str, np.ndarray]:
   """p(accurate|certain), p(uncertain|inaccurate), PAvPU at thresholds on the bin edges.
 
-  "Certain" ⇔ u < t for every method (compared in float32). PAvPU = (n_ac + n_iu) / N (Mukhoti & Gal);
+  "Certain" ⇔ u < t for every method (compared in float32), as in `conditional_correctness`;
+  t = 1 is refused (see `_edge_indices`). PAvPU = (n_ac + n_iu) / N (Mukhoti & Gal);
   `pavpu_reference` = (n_ac + n_iu) / (n_c + n_i), the reference code's denominator, where
   n_c = certain and n_i = inaccurate pixels. A ratio with an empty denominator is nan.
 
   Args:
     histogram: [2, num_bins] counts (row 0 incorrect, row 1 correct), summed over images.
-    thresholds: values k / num_bins in [0, 1].
+    thresholds: values k / num_bins in [0, 1).
 
   Returns:
     {name: float64 [T]} for p_accurate_given_certain, p_uncertain_given_inaccurate, pavpu,
@@ -141,7 +152,8 @@ def conditional_correctness(uncertainty: np.ndarray, correct: np.ndarray,
                             ) -> dict[str, np.ndarray]:
   """The same metrics straight from arrays (any thresholds): u [...], correct bool [...].
 
-  Like the histograms, compares in float32 (the maps' dtype): certain ⇔ u < float32(t).
+  Like the histograms, compares in float32 (the maps' dtype): certain ⇔ u < float32(t), so
+  at t = 1 a pixel with u = 1 is uncertain.
   """
   u = np.asarray(uncertainty, np.float32).reshape(-1)
   ok = np.asarray(correct, bool).reshape(-1)
@@ -226,7 +238,7 @@ def per_image_sums(uncertainty: jax.Array, correct: jax.Array, valid: jax.Array,
 
   Args:
     uncertainty: [B, H, W] in [0, 1]; correct, valid: bool [B, H, W].
-    thresholds: [T] host values k / num_bins (static under jit).
+    thresholds: [T] host values k / num_bins < 1 (static under jit).
 
   Returns:
     float32 [2, 4, T]: row 0 the sum over images of each of PER_IMAGE_METRICS where it is
@@ -274,6 +286,7 @@ def per_image_conditional_correctness(sums: np.ndarray, undefined_as_zero: bool 
 
 
 FINE_CALIBRATION_BINS = 1500  # 15 · 100: regroups exactly into 15 equal-width bins
+CALIBRATION_BLOCK = 4096  # pixels per partial sum of the confidences (calibration_histogram)
 
 
 def calibration_histogram(confidence: jax.Array, correct: jax.Array, valid: jax.Array,
@@ -283,8 +296,14 @@ def calibration_histogram(confidence: jax.Array, correct: jax.Array, valid: jax.
   Bin b holds edges[b] < conf <= edges[b + 1] against the float32 `bin_edges(num_bins)`;
   a confidence of exactly 0 goes to the first bin. The edges of num_bins are edges of any
   multiple of it, so a FINE_CALIBRATION_BINS histogram regroups exactly into 15 bins (see
-  `calibration_errors`) and also serves `adaptive_calibration_errors`. Sums are float32
-  per call; add the results of many calls in float64 on the host.
+  `calibration_errors`) and also serves `adaptive_calibration_errors`.
+
+  The counts are integers (exact in float32 up to 2^24 per bin and call). Σ confidence is
+  n_b · edges[b] + Σ (conf − edges[b]): each offset is exact (conf <= 2 edges[b] for b > 0)
+  and below the bin width, and the offsets are summed per CALIBRATION_BLOCK pixels before
+  the blocks' sums are added, so a sum over N pixels is off by at most about
+  2^-24 (CALIBRATION_BLOCK + N / CALIBRATION_BLOCK) · N / num_bins (docs/metrics.md). Add
+  the results of many calls in float64 on the host.
 
   Args:
     confidence: [...] in [0, 1]; correct, valid: bool [...].
@@ -293,13 +312,19 @@ def calibration_histogram(confidence: jax.Array, correct: jax.Array, valid: jax.
     float32 [3, num_bins].
   """
   conf = jnp.clip(confidence.astype(jnp.float32).reshape(-1), 0.0, 1.0)
-  ok = correct.reshape(-1).astype(jnp.float32)
-  weight = valid.reshape(-1).astype(jnp.float32)
+  valid = valid.reshape(-1)
   edges = jnp.asarray(bin_edges(num_bins))
   bins = jnp.clip(jnp.searchsorted(edges, conf, side="left") - 1, 0, num_bins - 1)
-  sums = [jnp.zeros(num_bins, jnp.float32).at[bins].add(weight * x)
-          for x in (jnp.ones_like(conf), conf, ok)]
-  return jnp.stack(sums)
+  counts = _split_counts(bins, correct, valid, num_bins).astype(jnp.float32)
+  offset = jnp.where(valid, conf - edges[bins], 0.0)
+  blocks = -(-conf.size // CALIBRATION_BLOCK)
+  block = jnp.arange(conf.size) // CALIBRATION_BLOCK
+  partial = jnp.bincount(block * num_bins + bins, weights=offset, length=blocks * num_bins)
+  # The barrier keeps XLA from scattering the offsets straight onto n_b · edges[b] (with one
+  # block it would), which rounds each offset at the scale of the bin's whole sum.
+  offsets = jax.lax.optimization_barrier(partial.reshape(blocks, num_bins).sum(0))
+  count = counts.sum(0)
+  return jnp.stack([count, count * edges[:-1] + offsets, counts[1]])
 
 
 def regroup_calibration(histogram: np.ndarray, num_bins: int) -> np.ndarray:
@@ -363,6 +388,46 @@ def adaptive_expected_calibration_error(confidence: np.ndarray, correct: np.ndar
 
 # ------------------------------------------------------------ detection from histograms
 
+# The detection histogram's bins by score u (docs/metrics.md): u = 0; 0 < u < 2^MIN_EXPONENT;
+# 2^MANTISSA_BITS bins per octave up to 2^LINEAR_EXPONENT (the float32's exponent and top
+# mantissa bits: relative width <= 2^-7); from there up to 1, bins of width
+# 2^(LINEAR_EXPONENT - MANTISSA_BITS) = 2^-12 (where the relative width reaches it); u = 1.
+DETECTION_MANTISSA_BITS = 7
+DETECTION_MIN_EXPONENT = -100
+DETECTION_LINEAR_EXPONENT = -5
+_LOG_BINS = (DETECTION_LINEAR_EXPONENT - DETECTION_MIN_EXPONENT) << DETECTION_MANTISSA_BITS
+_LINEAR_SCALE = 2 ** (DETECTION_MANTISSA_BITS - DETECTION_LINEAR_EXPONENT)  # 1 / bin width
+DETECTION_BINS = 2 + _LOG_BINS + (_LINEAR_SCALE - 2 ** DETECTION_MANTISSA_BITS) + 1  # 16131
+
+
+def detection_histogram(score: jax.Array, correct: jax.Array, valid: jax.Array) -> jax.Array:
+  """Counts of valid pixels per score bin of the detection layout, by correctness (jit-able).
+
+  The bins (see DETECTION_BINS) have a relative width of at most 2^-7 down to 2^-100 and an
+  absolute width of at most 2^-12, so AUROC, AUPR, FPR@95 and AURC of scores concentrated
+  near 0 are close to those of the exact per-pixel scores (bounds in docs/metrics.md);
+  scores that share a value share a bin, which the metrics count as ties. NaN counts as 1.
+
+  Args:
+    score: a score in [0, 1] (normalised uncertainty), any shape; clipped to [0, 1].
+    correct: bool, same shape (prediction == label).
+    valid: bool, same shape (label != 255).
+
+  Returns:
+    int32 [2, DETECTION_BINS] ordered by score: row 0 incorrect, row 1 correct (the layout
+    of `uncertainty_histogram`, read by the `*_from_histograms` functions).
+  """
+  u = jnp.clip(jnp.nan_to_num(score.astype(jnp.float32).reshape(-1), nan=1.0), 0.0, 1.0)
+  m = DETECTION_MANTISSA_BITS
+  bits = jax.lax.bitcast_convert_type(u, jnp.int32)  # monotone in u for u >= 0
+  log_bin = 2 + (bits >> (23 - m)) - ((127 + DETECTION_MIN_EXPONENT) << m)
+  linear_bin = 2 + _LOG_BINS - 2 ** m + jnp.floor(u * _LINEAR_SCALE).astype(jnp.int32)
+  small_bin = (u > 0).astype(jnp.int32)  # 0: u = 0, 1: 0 < u < 2^MIN_EXPONENT
+  bins = jnp.where(u >= 2.0 ** DETECTION_LINEAR_EXPONENT, linear_bin,
+                   jnp.where(u >= 2.0 ** DETECTION_MIN_EXPONENT, log_bin, small_bin))
+  return _split_counts(bins, correct, valid, DETECTION_BINS)
+
+
 def _descending_counts(negatives: np.ndarray, positives: np.ndarray):
   """Cumulative counts of scores >= each bin's lower edge, from the top bin down."""
   neg = np.concatenate([[0], np.cumsum(np.asarray(negatives, np.float64)[::-1])])
@@ -412,20 +477,31 @@ def fpr_at_tpr_from_histograms(negatives: np.ndarray, positives: np.ndarray,
 def risk_coverage_from_histogram(histogram: np.ndarray) -> dict[str, np.ndarray | float]:
   """Selective prediction: keep the pixels with u below a threshold, at every bin edge.
 
+  AURC is the per-pixel one: with the N pixels sorted by u, the mean over k = 1..N of the
+  error rate of the first k, averaged over every order of the pixels within a bin (ties).
+  In that average the expected number of errors grows linearly through a bin, so a bin of
+  n pixels, e of them incorrect, after K pixels with E errors adds
+  Σ_{j=1..n} (E + j e / n) / (K + j) = e + (E − K e / n) (H(K + n) − H(K)) (H harmonic
+  numbers). A constant score gives the error rate. Lower is better.
+
   Args:
-    histogram: [2, bins] (row 0 incorrect, row 1 correct).
+    histogram: [2, bins] ordered by u (row 0 incorrect, row 1 correct).
 
   Returns:
     {"coverage": [bins + 1] fraction kept, "risk": [bins + 1] error rate of the kept
-    pixels (nan where none is kept), "aurc": area under risk over coverage (trapezoid over
-    the non-empty points; lower is better)}.
+    pixels (nan where none is kept), "aurc": float (nan when the histogram is empty)}.
   """
   histogram = np.asarray(histogram, np.float64)
   below = np.concatenate([[[0], [0]], np.cumsum(histogram, axis=1)], axis=1)
   kept = below.sum(0)
-  coverage = kept / kept[-1]
   with np.errstate(invalid="ignore", divide="ignore"):
+    coverage = kept / kept[-1]
     risk = np.where(kept > 0, below[0] / kept, np.nan)
-  ok = kept > 0
+  count = histogram.sum(0)
+  filled = count > 0
+  n, e = count[filled], histogram[0, filled]
+  before, errors_before = kept[:-1][filled], below[0, :-1][filled]  # K, E
+  harmonic = special.digamma(before + n + 1) - special.digamma(before + 1)  # H(K+n) − H(K)
+  total = np.sum(e + (errors_before - before * e / n) * harmonic)
   return {"coverage": coverage, "risk": risk,
-          "aurc": float(np.trapezoid(risk[ok], coverage[ok])) if ok.sum() > 1 else float("nan")}
+          "aurc": float(total / kept[-1]) if kept[-1] else float("nan")}

@@ -213,7 +213,9 @@ def ood_roc(results: dict, histograms: Arrays, path: Path) -> Path:
 
   Args:
     results: the loaded results.json (its "ood_splits" and the method colours).
-    histograms: the loaded histograms.npz ("<split>/<method>/histogram/<measure>" [2, bins]).
+    histograms: the loaded histograms.npz ("<split>/<method>/detection/<measure>" [2, bins],
+      the fine layout results.json's AUROC comes from; "histogram/<measure>" where a run
+      predates it).
     path: the PNG to write.
 
   Returns:
@@ -229,8 +231,10 @@ def ood_roc(results: dict, histograms: Arrays, path: Path) -> Path:
   axes = fig.subplots(1, len(curves), squeeze=False)[0]
   for ax, (measure, names) in zip(axes, curves.items()):
     for method in names:
-      negatives = histograms[f"{in_split}/{method}/histogram/{measure}"].sum(0)
-      positives = histograms[f"{out_split}/{method}/histogram/{measure}"].sum(0)
+      kind = ("detection" if all(f"{split}/{method}/detection/{measure}" in histograms
+                                 for split in (in_split, out_split)) else "histogram")
+      negatives = histograms[f"{in_split}/{method}/{kind}/{measure}"].sum(0)
+      positives = histograms[f"{out_split}/{method}/{kind}/{measure}"].sum(0)
       fpr, tpr = metrics.roc_curve_from_histograms(negatives, positives)
       auroc = metrics.auroc_from_histograms(negatives, positives)
       ax.plot(fpr, tpr, label=f"{method} ({auroc:.3f})", **_line_style(method, colors))
