@@ -34,7 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import input_pipeline as pipeline_benchmark
-from moe_jax import methods, train, uncertainty
+from moe_jax import losses, measures, methods, train, uncertainty
 from moe_jax.models import build
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,7 +49,7 @@ _CACHE = flags.DEFINE_string("cache", str(Path(tempfile.gettempdir()) / "moe_jax
                              "Generated frames and shards for the input-pipeline row.")
 flags.mark_flags_as_required(["config"])
 
-MAPS = ("prediction",) + methods.MEASURES
+MAPS = ("prediction",) + measures.NAMES
 
 
 @dataclasses.dataclass
@@ -155,7 +155,7 @@ def mc_dropout_program(config, images, dtype, *, passes: int, shared_encoder: bo
   passes unscanned (methods.mc_dropout_logits under vmap, the same arithmetic).
   """
   model = in_dtype(build.baseline(config), dtype)
-  key = jax.random.key(0)
+  key = build.key(0)
   program = module_program(
       model, lambda m, x, k: maps(methods.mc_dropout(
           m, x, k, passes=passes, shared_encoder=shared_encoder)[f"mc_dropout_{passes}"]),
@@ -243,7 +243,7 @@ def training_rate(config, *, repetitions: int) -> dict:
   batch = {"image": jnp.asarray(rng.integers(0, 256, (*shape, 3), np.uint8)),
            "label": jnp.asarray(rng.integers(0, config.data.num_classes, shape, np.uint8))}
   seconds = time_calls(
-      {"step": lambda: train.train_step(train.expert_loss, members, optimizer, batch)[0]},
+      {"step": lambda: train.train_step(losses.expert_loss, members, optimizer, batch)[0]},
       warmup=2, repetitions=repetitions)["step"]
   return {"images_per_sec": num * section.batch_size / statistics.median(seconds),
           "experts": num, "batch_size": section.batch_size}
@@ -404,7 +404,6 @@ def run(config: ml_collections.ConfigDict, *, quick: bool, dtype_name: str,
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  jax.config.update("jax_default_prng_impl", "rbg")  # as the CLI: fast initialisation
   bench = run(_CONFIG.value, quick=_QUICK.value, dtype_name=_DTYPE.value,
               experts=[int(k) for k in _EXPERTS.value], passes=[int(t) for t in _PASSES.value])
   out = Path(_OUT.value)

@@ -41,6 +41,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from moe_jax.config_checks import ADDED_CONFIG_KEYS, MUTABLE_CONFIG_KEYS
+
 PyTree = Any
 
 CONFIG_FILE = "config.json"
@@ -526,15 +528,6 @@ def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> 
   if not isinstance(config, Mapping):
     raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
   return write_json(pathlib.Path(workdir) / CONFIG_FILE, config)
-
-
-# Keys that may change between runs in one workdir: they do not change what was trained.
-MUTABLE_CONFIG_KEYS = ("eval.", "train.log_every", "train.keep_checkpoints",
-                       "train.nonfinite", "model.deep_ensemble_members",
-                       "train.deep_ensemble.")
-# Keys added after workdirs existed, with the value that means "as before": a workdir whose
-# config.json lacks one of them matches a config holding that value.
-ADDED_CONFIG_KEYS = {"model.backbone_weights": ""}
 
 
 def check_same_run(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:

@@ -11,6 +11,7 @@ devices, hosts or shards merge by addition.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import corruptions
-from moe_jax import checkpoint, input_pipeline, methods, metrics
-from moe_jax.models import build
+from moe_jax import checkpoint, input_pipeline, measures, methods, metrics, stages
+from moe_jax.config_checks import ConfigError
+from moe_jax.models import build, routers
 
 RESULTS_FILE = "results.json"
 HISTOGRAMS_FILE = "histograms.npz"
@@ -38,12 +40,12 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
   if not uncertainty:
     return stats
   valid = (labels >= 0) & (labels < num_classes)  # as the confusion matrix counts them
-  if "gate_weights" in output:
-    stats.update(_gate_statistics(output["gate_weights"], valid))
+  if "routing" in output:
+    stats.update(_gate_statistics(output["routing"], valid))
   correct = output["prediction"] == labels
   probs = output["probs"]
   fine = metrics.FINE_CALIBRATION_BINS
-  for measure in methods.MEASURES:
+  for measure in measures.NAMES:
     if measure in output:
       u = output[measure]
       stats[f"histogram/{measure}"] = metrics.uncertainty_histogram(u, correct, valid)
@@ -71,20 +73,22 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
 GATE_BINS = 20
 
 
-def _gate_statistics(gates: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
-  """How the gate weighs the experts: per unit (an image for the simple gate, a pixel for
-  the classwise one), a 20-bin histogram of the weight on each expert and the weights' sum.
+def _gate_statistics(routing: routers.Routing, valid: jax.Array) -> dict[str, jax.Array]:
+  """How the router weighs the experts: per unit (an image for an "image" routing, a
+  pixel for a "pixel" one), a 20-bin histogram of the expected weight on each expert and
+  the weights' sum.
 
   Args:
-    gates: [B,K] or [B,H,W,K] weights.
+    routing: an "image" or "pixel" routing (`methods.Output`'s, see routers.at_prediction).
     valid: bool [B,H,W] labelled pixels; an image counts if any of its pixels does.
 
   Returns:
     {"gate_histogram": int32 [K, 20] (bins [j/20, (j+1)/20), the last closed),
      "gate_sum": float32 [K]}.
   """
+  gates = routers.expected_weights(routing)
   num = gates.shape[-1]
-  unit_valid = (jnp.any(valid, axis=(1, 2)) if gates.ndim == 2 else valid).reshape(-1)
+  unit_valid = (jnp.any(valid, axis=(1, 2)) if routing.unit == "image" else valid).reshape(-1)
   weights = gates.reshape(-1, num).astype(jnp.float32)
   bins = jnp.clip(jnp.floor(weights * GATE_BINS).astype(jnp.int32), 0, GATE_BINS - 1)
   index = jnp.where(unit_valid[:, None], jnp.arange(num) * GATE_BINS + bins, num * GATE_BINS)
@@ -93,7 +97,7 @@ def _gate_statistics(gates: jax.Array, valid: jax.Array) -> dict[str, jax.Array]
           "gate_sum": jnp.sum(jnp.where(unit_valid[:, None], weights, 0.0), axis=0)}
 
 
-PANEL_MAPS = ("prediction",) + methods.MEASURES
+PANEL_MAPS = ("prediction",) + measures.NAMES
 
 
 @nnx.jit(static_argnums=(0, 4, 5, 6, 7))
@@ -114,7 +118,7 @@ def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.
   stats = {method: _method_statistics(output, labels, num_classes, uncertainty, patch_size)
            for method, output in out.items()}
   panels = {method: {name: output[name][:panel_images] for name in PANEL_MAPS if name in output}
-            for method, output in out.items() if panel_images and "gate_weights" in output}
+            for method, output in out.items() if panel_images and "routing" in output}
   return stats, panels
 
 
@@ -143,7 +147,7 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
   """
   totals: dict[str, dict[str, np.ndarray]] = {}
   pending = None
-  base = jax.random.key(seed)
+  base = build.key(seed)
   for i, batch in enumerate(batches):
     # Dispatch this batch before fetching the last result, so the host's transfer
     # overlaps the device's work.
@@ -216,7 +220,7 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
   entry["nll"] = nll / pixels if pixels else float("nan")
   entry["calibration"] = {"max_softmax": _calibration(stats["calibration/max_softmax"])}
   entry["uncertainty"] = {}
-  for measure in methods.MEASURES:
+  for measure in measures.NAMES:
     if f"histogram/{measure}" not in stats:
       continue
     histogram, detection = stats[f"histogram/{measure}"], stats[f"detection/{measure}"]
@@ -242,7 +246,7 @@ def ood_detection(in_stats: dict[str, np.ndarray], out_stats: dict[str, np.ndarr
   {"auroc", "fpr_at_95_tpr"} from the two splits' detection histograms (correct +
   incorrect)."""
   result = {}
-  for measure in methods.MEASURES:
+  for measure in measures.NAMES:
     key = f"detection/{measure}"
     if key in in_stats and key in out_stats:
       negatives, positives = in_stats[key].sum(0), out_stats[key].sum(0)
@@ -266,7 +270,7 @@ def _json(value):
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
   """Named arrays in one .npz, atomically (plain arrays: read with allow_pickle=False)."""
   buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
+  np.savez_compressed(buffer, **arrays)  # the detection histograms are mostly zeros
   checkpoint.write_atomic(path, buffer.getvalue())
 
 
@@ -336,13 +340,13 @@ def corrupted_splits(config: ml_collections.ConfigDict) -> dict[str, tuple[str, 
   base = config.eval.corruption_split
   unknown = [n for n in names if n not in corruptions.CORRUPTIONS]
   if unknown:
-    raise ValueError(f"config key eval.corruptions names unknown corruptions {unknown}; "
-                     f"use any of {', '.join(corruptions.CORRUPTIONS)}.")
+    raise ConfigError(f"config key eval.corruptions names unknown corruptions {unknown}; "
+                      f"use any of {', '.join(corruptions.CORRUPTIONS)}.")
   if not severities or not set(severities) <= {1, 2, 3, 4, 5}:
-    raise ValueError(f"config key eval.severities={severities!r} must be values in 1..5.")
+    raise ConfigError(f"config key eval.severities={severities!r} must be values in 1..5.")
   if base not in config.data.test_splits:
-    raise ValueError(f"config key eval.corruption_split={base!r} must be one of "
-                     f"data.test_splits={tuple(config.data.test_splits)}.")
+    raise ConfigError(f"config key eval.corruption_split={base!r} must be one of "
+                      f"data.test_splits={tuple(config.data.test_splits)}.")
   splits = {f"{base}:clean:0": None} if config.eval.corruption_frames_per_part else {}
   splits.update({f"{base}:{name}:{severity}": (name, severity)
                  for name in names for severity in severities})
@@ -350,26 +354,18 @@ def corrupted_splits(config: ml_collections.ConfigDict) -> dict[str, tuple[str, 
 
 
 def _runs(config: ml_collections.ConfigDict) -> list[tuple]:
-  """(checkpoint stages, model factories, output function, {output key: method name}) per
-  compiled evaluation: every gate type's MoE at once (the frozen experts run once and also
-  give the experts and their ensemble), the baseline with MC dropout for every T, the deep
-  ensemble."""
-  names = input_pipeline.expert_names(config.data)
-  gates = build.gate_types(config)
-  rename = {"ensemble": "ensemble",
-            **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(names)},
-            **{f"moe_{i}": f"moe_{gate}" for i, gate in enumerate(gates)}}
-  runs = [(tuple(build.gate_stage(gate) for gate in gates),
-           tuple(lambda gate=gate: build.mixture(config, build.experts(config, len(names)),
-                                                 gate) for gate in gates),
-           methods.mixtures_with(config.eval.moe_members), rename)]
-  passes = tuple(config.eval.mc_dropout_passes)
-  runs.append((("baseline",), (lambda: build.baseline(config),),
-               methods.single_and_mc_dropout_with(passes),
-               {"model": "baseline", **{f"mc_dropout_{t}": f"mc_dropout_{t}" for t in passes}}))
-  if config.model.deep_ensemble_members:
-    runs.append((("deep_ensemble",), (lambda: build.deep_ensemble(config),),
-                 methods.deep_ensemble, {"deep_ensemble": "deep_ensemble"}))
+  """(checkpoint names, model factories, output function, {output key: method name}) per
+  compiled evaluation: one per stage of `stages.STAGES` that has an `evaluation` and
+  checkpoints in this config (e.g. every router's MoE at once, the baseline with MC
+  dropout for every T)."""
+  runs = []
+  for stage in stages.STAGES.values():
+    names = stage.checkpoints(config)
+    if stage.evaluation is None or not names:
+      continue
+    outputs, rename = stage.evaluation(config)
+    runs.append((names, tuple(functools.partial(stage.model, config, name) for name in names),
+                 outputs, rename))
   return runs
 
 
@@ -391,10 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
      "experts": [...], "gates": [...], "moe_members", "ood_splits", "corruptions"}.
   """
   start = time.perf_counter()
-  ood_splits = list(config.eval.ood_splits)
-  if ood_splits and (len(ood_splits) != 2 or not set(ood_splits) <= set(config.data.test_splits)):
-    raise ValueError(f"config key eval.ood_splits={tuple(ood_splits)} must be two of "
-                     f"data.test_splits={tuple(config.data.test_splits)} (ID, OOD), or ().")
+  ood_splits = list(config.eval.ood_splits)  # checked by config_checks.validate
   corrupted = corrupted_splits(config)
   runs = _runs(config)
   thresholds = metrics.REFERENCE_THRESHOLDS
@@ -403,7 +396,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   results = {"splits": {}, "ood": {}, "thresholds": _json(thresholds), "checkpoints": {},
              "class_names": list(input_pipeline.class_names(config.data)),
              "experts": input_pipeline.expert_names(config.data),
-             "gates": list(build.gate_types(config)),
+             "gates": list(config.model.gates),
+             "routing_units": {f"moe_{gate}": routers.get(gate).unit
+                               for gate in config.model.gates},
              "moe_members": config.eval.moe_members, "ood_splits": ood_splits,
              "corruptions": {"split": config.eval.corruption_split,
                              "names": list(config.eval.corruptions) if corrupted else [],

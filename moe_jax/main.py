@@ -12,19 +12,18 @@ Runs the pipeline's stages in order (default: all of them):
 A finished stage is skipped on a rerun; an interrupted one resumes from its checkpoint.
 """
 
+import functools
 import json
 import sys
 import time
 
 from absl import app, flags, logging
-import jax
 from ml_collections import config_flags
 
 from data_pipelines import DataError
-from moe_jax import checkpoint
-from moe_jax.models import build
+from moe_jax import checkpoint, config_checks, stages
 
-STAGES = ("data", "experts", "baseline", "deep_ensemble", "gate", "evaluate", "report")
+STAGES = ("data", *stages.STAGES, "evaluate", "report")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/a2d2.py:synthetic.", lock_config=True)
@@ -67,24 +66,18 @@ def main(argv) -> None:
     sys.exit(f"error: unknown stage(s) {', '.join(unknown)}; the stages: {', '.join(STAGES)}.")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO.
-  # The "rbg" PRNG initialises the paper's ResNet-101 experts ~4x faster than threefry on
-  # CPU (see the README's measured facts); random streams are still reproducible per seed.
-  jax.config.update("jax_default_prng_impl", "rbg")
   # The stages pull in TensorFlow (~4 s); imported here, after the flags parsed, so that a
   # bad command line fails at once.
   from moe_jax import evaluate, input_pipeline, report, train
   config = _CONFIG.value
-  runners = {"experts": train.train_experts,
-             "baseline": train.train_baseline, "deep_ensemble": train.train_deep_ensemble,
-             "gate": train.train_gate, "evaluate": evaluate.run,
-             "report": lambda config, workdir: report.write(workdir)}
+  runners = {**{name: functools.partial(train.run, name=name) for name in stages.STAGES},
+             "evaluate": evaluate.run, "report": lambda config, workdir: report.write(workdir)}
   start = time.perf_counter()
   try:
+    config_checks.validate(config)  # every key a stage reads, before hours of training
     workdir = input_pipeline.workdir_path(_WORKDIR.value)
     with config.unlocked():
       input_pipeline.resolve_paths(config.data, workdir)
-    build.gate_types(config)  # checked before hours of training, not after
-    evaluate.corrupted_splits(config)
     resolved = json.loads(config.to_json_best_effort())
     checkpoint.check_same_run(workdir, resolved)
     checkpoint.save_config(workdir, resolved)
@@ -92,12 +85,9 @@ def main(argv) -> None:
     for stage in STAGES[1:]:
       if stage in _STAGES.value:
         runners[stage](config, workdir)
-  except (DataError, checkpoint.CheckpointError, FloatingPointError) as e:
+  except (config_checks.ConfigError, DataError, checkpoint.CheckpointError,
+          FloatingPointError) as e:
     sys.exit(f"error: {e}")
-  except ValueError as e:
-    if str(e).startswith("config key"):  # a config value the models or optimisers reject
-      sys.exit(f"error: {e}")
-    raise
   print(f"all requested stages done in {time.perf_counter() - start:.0f} s ({workdir})")
 
 

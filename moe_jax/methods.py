@@ -4,14 +4,14 @@ uncertainty maps, all from one forward (jit-able).
 An *output function* `(model, images float32 [B,H,W,3], key) -> {method: Output}` serves
 one model kind; every method it can produce comes out of the same compiled call (the MoE
 forward gives each expert, the uniform ensemble and the MoE). `key` seeds MC dropout and
-is ignored by the deterministic methods.
+stochastic routers and is ignored by the deterministic methods.
 
 Output = {"prediction": int [B,H,W], "probs": float32 [B,H,W,C] (the method's predictive
 distribution, for max-softmax calibration, Brier and NLL), and normalised maps in [0, 1]
-for the measures it has: "predictive_entropy", "mutual_information", "expert_variance",
-"gate_entropy"}. A single deterministic model has only predictive entropy. The MoE's
-Output also has "gate_weights": float32 [B,K] (simple gate, per image) or [B,H,W,K]
-(classwise: each pixel's predicted class's gate).
+for the measures it has (`moe_jax.measures.MEASURES`)}. A single deterministic model has
+only predictive entropy. The MoE's Output also has "routing": the `routers.Routing` each
+pixel's prediction used (unit "image", or "pixel" for pixel and classwise routers: the
+predicted class's weights).
 """
 
 from __future__ import annotations
@@ -22,37 +22,35 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from moe_jax import uncertainty
+from moe_jax import measures, uncertainty
+from moe_jax.config_checks import ConfigError
+from moe_jax.models import routers
 
-MEASURES = ("predictive_entropy", "mutual_information", "expert_variance", "gate_entropy")
 # The reference's MoE sample sets: gate-weighted experts, experts only (uniform), and the
 # MoE output stacked with the experts (uniform over K + 1).
 MOE_MEMBERS = ("weighted", "uniform", "stacked")
 
-Output = dict[str, jax.Array]
+Output = dict[str, jax.Array | routers.Routing]
 
 
 def single_output(logits: jax.Array) -> Output:
   """One deterministic model: logits [B,H,W,C] -> prediction, probs, PE."""
   probs = uncertainty.probabilities(logits)
   return {"prediction": jnp.argmax(logits, axis=-1), "probs": probs,
-          "predictive_entropy": uncertainty.normalised(
-              {"predictive_entropy": uncertainty.entropy(probs)}, probs.shape[-1])[
-                  "predictive_entropy"]}
+          "predictive_entropy": measures.normalise(
+              "predictive_entropy", uncertainty.entropy(probs), probs.shape[-1])}
 
 
 def members_output(probs: jax.Array, weights: jax.Array | None = None) -> Output:
   """S members: probs [S,B,H,W,C], weights [S,B,1,1] or [S,B,H,W] or None -> argmax p̄, p̄,
-  PE, MI, EV."""
+  and every "members" measure."""
   return moments_output(uncertainty.moments(probs, weights))
 
 
 def moments_output(moments: uncertainty.Moments) -> Output:
-  """Members summarised as running sums -> argmax p̄, p̄, PE, MI, EV."""
-  raw = uncertainty.measures(moments)
-  maps = uncertainty.normalised(raw, moments.reference.shape[-1])
-  return {"prediction": maps.pop("prediction"), "probs": uncertainty.mean_probs(moments),
-          **maps}
+  """Members summarised as running sums -> argmax p̄, p̄, every "members" measure."""
+  return {"prediction": uncertainty.prediction_of(moments),
+          "probs": uncertainty.mean_probs(moments), **measures.members_maps(moments)}
 
 
 def single(model: nnx.Module, images: jax.Array, key: jax.Array) -> dict[str, Output]:
@@ -80,46 +78,37 @@ def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
             members: str = "weighted", experts: bool = True) -> dict[str, Output]:
   """The MoE and what its forward also gives: {"moe", "ensemble", "expert_0", ...}.
 
-  "moe" predicts argmax of the fused logits (its probs are their softmax); its PE, MI and
-  EV come from the `members` sample set (see MOE_MEMBERS) and GE from the gate (simple:
-  per image; classwise: the predicted class's gate). experts=False leaves out "ensemble"
-  and "expert_<k>" (another MoE around the same experts already gave them).
+  "moe" predicts argmax of the fused logits (its probs are their softmax); its "members"
+  measures come from the `members` sample set (see MOE_MEMBERS) and its "routing" ones
+  from the router (per image, or the weights each pixel's prediction used). `key` goes to
+  the router. experts=False leaves out "ensemble" and "expert_<k>" (another MoE around the
+  same experts already gave them).
   """
-  del key
-  return mixture_outputs(moe(images), members=members, experts=experts)
+  return mixture_outputs(moe(images, key), members=members, experts=experts)
 
 
-def mixture_outputs(out: dict[str, jax.Array], *, members: str = "weighted",
+def mixture_outputs(out: dict, *, members: str = "weighted",
                     experts: bool = True) -> dict[str, Output]:
-  """`mixture` from the MoE's forward output ({"logits", "expert_logits",
-  "gate_weights"}, see `MixtureOfExperts`), however it was computed."""
+  """`mixture` from the MoE's forward output ({"logits", "expert_logits", "routing"}, see
+  `MixtureOfExperts`), however it was computed."""
   expert_probs = uncertainty.probabilities(out["expert_logits"])  # [K,B,H,W,C]
-  gates = out["gate_weights"]  # [B,K] or [B,C,K]
   fused = single_output(out["logits"])
   ensemble = members_output(expert_probs)  # the experts, uniform
-  if gates.ndim == 2:
-    unit_gates = gates  # [B,K]
-  else:  # classwise: each class has its own weights; use those of the fused prediction
-    unit_gates = jnp.take_along_axis(gates[:, None, None, :, :],
-                                     fused["prediction"][..., None, None], axis=3)[..., 0, :]
+  used = routers.at_prediction(out["routing"], fused["prediction"])
   if members == "weighted":
-    weights = (gates.T[:, :, None, None] if gates.ndim == 2 else jnp.moveaxis(unit_gates, -1, 0))
-    sample = members_output(expert_probs, weights)
+    sample = members_output(expert_probs, routers.member_weights(used))
   elif members == "uniform":
     sample = ensemble
   elif members == "stacked":
     sample = members_output(jnp.concatenate([fused["probs"][None], expert_probs]))
   else:
-    raise ValueError(f"config key eval.moe_members={members!r}; use one of "
-                     f"{', '.join(MOE_MEMBERS)}.")
-  num_experts = expert_probs.shape[0]
-  gate_entropy = uncertainty.normalised(
-      {"gate_entropy": uncertainty.gate_entropy_map(gates, fused["prediction"])},
-      fused["probs"].shape[-1], num_experts)["gate_entropy"]
-  outputs = {"moe": {**fused, "predictive_entropy": sample["predictive_entropy"],
-                     "mutual_information": sample["mutual_information"],
-                     "expert_variance": sample["expert_variance"],
-                     "gate_entropy": gate_entropy, "gate_weights": unit_gates}}
+    raise ConfigError(f"config key eval.moe_members={members!r}; use one of "
+                      f"{', '.join(MOE_MEMBERS)}.")
+  num_classes, num_experts = fused["probs"].shape[-1], expert_probs.shape[0]
+  outputs = {"moe": {**fused, **{name: sample[name] for name in measures.of_source("members")},
+                     **measures.routing_maps(out["routing"], fused["prediction"], num_classes,
+                                             num_experts),
+                     "routing": used}}
   if not experts:
     return outputs
   outputs["ensemble"] = ensemble
@@ -133,11 +122,11 @@ def mixtures(moes: tuple[nnx.Module, ...], images: jax.Array, key: jax.Array, *,
   """Several MoEs around the same frozen experts (one per gate type) in one call, the
   experts run once: {"moe_0", "moe_1", ..., "ensemble", "expert_0", ...} ("moe_<i>" is
   `mixture`'s "moe" for moes[i]; the experts' outputs are moes[0]'s)."""
-  del key
   expert_logits, aspp = jax.lax.stop_gradient(moes[0].experts(images))
   outputs = {}
   for i, moe in enumerate(moes):
-    out = mixture_outputs(moe.combine(expert_logits, aspp), members=members, experts=i == 0)
+    out = mixture_outputs(moe.combine(expert_logits, aspp, key=key), members=members,
+                          experts=i == 0)
     outputs[f"moe_{i}"] = out.pop("moe")
     outputs.update(out)
   return outputs

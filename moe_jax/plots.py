@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 import numpy as np
 
 from moe_jax import metrics
-from moe_jax.methods import MEASURES
+from moe_jax.measures import MEASURES
 
 # The evaluate stage's outputs (evaluate.RESULTS_FILE etc.; evaluate itself is not imported:
 # it pulls in the input pipeline and TensorFlow).
@@ -29,10 +29,6 @@ HISTOGRAMS_FILE = "histograms.npz"
 PANELS_FILE = "panels.npz"
 PLOTS_DIR = "plots"
 
-SHORT = {"predictive_entropy": "PE", "mutual_information": "MI", "expert_variance": "EV",
-         "gate_entropy": "GE"}
-TITLES = {"predictive_entropy": "predictive entropy", "mutual_information": "mutual information",
-          "expert_variance": "expert variance", "gate_entropy": "gate entropy"}
 CURVES = {"p_accurate_given_certain": "p(accurate | certain)",
           "p_uncertain_given_inaccurate": "p(uncertain | inaccurate)", "pavpu": "PAvPU"}
 RELIABILITY_BINS = 15
@@ -128,7 +124,7 @@ def conditional_correctness(results: dict, split: str, path: Path) -> Path:
       for row, key in enumerate(CURVES):
         (handles[method],) = axes[row, column].plot(thresholds, _floats(curves[key]),
                                                      **_line_style(method, colors))
-    axes[0, column].set_title(TITLES[measure])
+    axes[0, column].set_title(MEASURES[measure].title)
     axes[-1, column].set_xlabel("threshold t (certain: u < t)")
   for row, label in enumerate(CURVES.values()):
     axes[row, 0].set_ylabel(label)
@@ -239,7 +235,7 @@ def ood_roc(results: dict, histograms: Arrays, path: Path) -> Path:
       auroc = metrics.auroc_from_histograms(negatives, positives)
       ax.plot(fpr, tpr, label=f"{method} ({auroc:.3f})", **_line_style(method, colors))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal", title=TITLES[measure],
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal", title=MEASURES[measure].title,
            xlabel=f"false-positive rate ({in_split})")
     ax.grid(alpha=0.3)
     ax.legend(title="method (AUROC)", loc="lower right", fontsize="x-small",
@@ -328,11 +324,11 @@ def _nanmean(values: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------- gate weights
 
-def _gate_unit(method: str) -> str:
-  """What the gate weighs: pixels for a classwise gate, images for the simple one."""
-  if "classwise" in method:
-    return "pixels"
-  return "images" if "simple" in method else "units"
+def _gate_unit(results: dict, method: str) -> str:
+  """What a router's weights are counted over: images for an "image" router, pixels for
+  the others (a classwise gate's weights of each pixel's predicted class)."""
+  unit = results.get("routing_units", {}).get(method)
+  return {"image": "images", None: "units"}.get(unit, "pixels")
 
 
 def _gate_panel(ax, histogram: np.ndarray, total: np.ndarray, experts: list[str]) -> None:
@@ -353,11 +349,12 @@ def _gate_panel(ax, histogram: np.ndarray, total: np.ndarray, experts: list[str]
 def gate_weights(results: dict, histograms: Arrays, path: Path) -> Path:
   """The distribution of each MoE's gate weight on each expert, per clean test split.
 
-  Rows are the MoE methods, columns the splits. The simple gate weighs images, the
-  classwise gate pixels (the weights of the predicted class).
+  Rows are the MoE methods, columns the splits. An "image" router (the simple gate)
+  weighs images, the others pixels (a classwise gate: the weights of the predicted class).
 
   Args:
-    results: the loaded results.json (splits, and "experts": the expert names).
+    results: the loaded results.json (splits, "experts": the expert names, and
+      "routing_units": {method: unit}).
     histograms: the loaded histograms.npz ("<split>/<method>/gate_histogram" [K, bins] and
       "<split>/<method>/gate_sum" [K]).
     path: the PNG to write.
@@ -372,7 +369,7 @@ def gate_weights(results: dict, histograms: Arrays, path: Path) -> Path:
   fig = Figure(figsize=(3.6 * len(splits), 3.3 * len(names) + 0.5), layout="constrained")
   axes = fig.subplots(len(names), len(splits), sharey="row", squeeze=False)
   for row, method in enumerate(names):
-    unit = _gate_unit(method)
+    unit = _gate_unit(results, method)
     for column, split in enumerate(splits):
       ax = axes[row, column]
       if method not in found[split]:
@@ -444,7 +441,7 @@ def panel(results: dict, panels: Arrays, method: str, split: str, path: Path) ->
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-  for ax, title in zip(axes[0], ["image", "label", "prediction", *(SHORT[m] for m in maps)]):
+  for ax, title in zip(axes[0], ["image", "label", "prediction", *(MEASURES[m].short for m in maps)]):
     ax.set_title(title)
   if maps:
     fig.colorbar(shown, ax=axes[:, 3:], shrink=0.9, label="normalised uncertainty")
@@ -491,7 +488,7 @@ def overlay(image: np.ndarray, out: Arrays, class_names: list[str] | tuple[str, 
   axes[1].imshow(blended, interpolation="nearest")
   for ax, values in zip(axes[2:], maps.values()):
     shown = ax.imshow(values, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
-  for ax, name in zip(axes, ["image", "segmentation", *(TITLES[m] for m in maps)]):
+  for ax, name in zip(axes, ["image", "segmentation", *(MEASURES[m].title for m in maps)]):
     ax.set_title(name, fontsize="small")
     ax.set_xticks([])
     ax.set_yticks([])

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import checkpoint, input_pipeline, methods, uncertainty
-from moe_jax.models import build
+from moe_jax import checkpoint, input_pipeline, measures, methods, stages, uncertainty
+from moe_jax.models import build, routers
 
 DEFAULT_PASSES = 10
 
@@ -68,7 +68,8 @@ class Predictor:
       numpy arrays at the images' size: "segmentation" int32 [B,H,W];
       "predictive_entropy", "mutual_information", "expert_variance" float32 [B,H,W] in
       [0, 1] (PE ÷ log C, MI ÷ log C, EV ÷ 0.5); for an MoE also "gate_entropy" [B,H,W]
-      (÷ log K) and "gate_weights" [B,K] (simple gate) or [B,C,K] (classwise);
+      (÷ log K) and "gate_weights", the router's weights (averaged over its samples):
+      [B,K] ("image" router: simple), [B,C,K] ("class": classwise) or [B,H,W,K] ("pixel");
       "member_probs" [K,B,H,W,C] (experts, or MC-dropout passes) unless member_probs=False.
     """
     images = np.asarray(images)
@@ -77,7 +78,7 @@ class Predictor:
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
       raise ValueError(f"predict takes uint8 RGB images [H,W,3] or [B,H,W,3]; got "
                        f"{images.dtype} {list(images.shape)}")
-    out = _predict(self._members, self._model, jnp.asarray(images), jax.random.key(seed),
+    out = _predict(self._members, self._model, jnp.asarray(images), build.key(seed),
                    self.image_size, len(self.class_names))
     if not member_probs:
       out.pop("member_probs")
@@ -96,43 +97,23 @@ def _predict(members: Callable, model: nnx.Module, images: jax.Array, key: jax.A
       logits, (*logits.shape[:-3], height, width, num_classes), "linear", antialias=True)
   member_logits = back(found["member_logits"])
   probs = uncertainty.probabilities(member_logits)
-  if "gate_weights" in found:  # an MoE: its own prediction, members weighted by the gate
+  if "routing" in found:  # an MoE: its own prediction, members weighted by the router
+    routing = routers.resized(found["routing"], (height, width))
     out = methods.mixture_outputs({"logits": back(found["logits"]),
-                                   "expert_logits": member_logits,
-                                   "gate_weights": found["gate_weights"]},
+                                   "expert_logits": member_logits, "routing": routing},
                                   experts=False)["moe"]
-    extra = {"gate_entropy": out["gate_entropy"], "gate_weights": found["gate_weights"]}
+    extra = {name: out[name] for name in measures.of_source("routing")}
+    extra["gate_weights"] = routers.expected_weights(routing)
   else:
     out = methods.members_output(probs)
     extra = {}
   return {"segmentation": out["prediction"].astype(jnp.int32),
-          **{m: out[m] for m in methods.MEASURES[:3]}, **extra, "member_probs": probs}
-
-
-# ------------------------------------------------------------------- member functions
-
-def _moe_members(moe, x, key):
-  del key
-  out = moe(x)
-  return {"member_logits": out["expert_logits"], "logits": out["logits"],
-          "gate_weights": out["gate_weights"]}
-
-
-def _stacked_members(members, x, key):
-  del key
-  return {"member_logits": members(x)[0]}
+          **{m: out[m] for m in measures.of_source("members")}, **extra, "member_probs": probs}
 
 
 def _single_members(model, x, key):
   del key
   return {"member_logits": model(x)[0][None]}
-
-
-@functools.cache
-def _mc_dropout_members(passes: int):
-  def members(model, x, key):
-    return {"member_logits": methods.mc_dropout_logits(model, x, key, passes)}
-  return members
 
 
 # ------------------------------------------------------------------------------ restore
@@ -156,33 +137,23 @@ def restore(path: str | os.PathLike, *, stage: str = "gate", expert: str | None 
       checkpoint does not fit the run's config.
     ValueError: an unknown stage or expert.
   """
-  workdir, stage = _locate(Path(path).expanduser(), stage)
+  workdir, name = _locate(Path(path).expanduser(), stage)
   config = ml_collections.ConfigDict(checkpoint.load_config(workdir))
   names = input_pipeline.expert_names(config.data)
-  if stage == "gate":
-    stage = build.gate_stage(build.gate_types(config)[0])
-  gates = {build.gate_stage(g): g for g in build.GATES}
-  if stage in gates:
-    method, members = f"moe_{gates[stage]}", _moe_members
-    make = lambda: build.mixture(config, build.experts(config, len(names)), gates[stage])
-  elif stage == "experts":
-    method, members = "ensemble", _stacked_members
-    make = lambda: build.experts(config, len(names))
-  elif stage == "baseline":
-    method, members = f"mc_dropout_{passes}", _mc_dropout_members(passes)
-    make = lambda: build.baseline(config)
-  elif stage == "deep_ensemble":
-    method, members = "deep_ensemble", _stacked_members
-    make = lambda: build.deep_ensemble(config)
-  else:
-    raise ValueError(f"unknown stage {stage!r}; use 'gate', "
-                     f"{', '.join(repr(s) for s in gates)}, 'experts', 'baseline' or "
-                     "'deep_ensemble'.")
-  if expert is not None and stage != "experts":
+  if name == "gate":
+    name = stages.gate_checkpoint(config.model.gates[0])
+  try:
+    _, entry = stages.stage_of(config, name)
+  except KeyError:
+    raise ValueError(f"unknown stage {name!r}; this run's stages: 'gate', "
+                     f"{', '.join(map(repr, stages.all_checkpoints(config)))}.") from None
+  if entry.predictor is None:
+    raise ValueError(f"stage {name!r} has no predictor")
+  if expert is not None and name != "experts":
     raise ValueError(f"expert={expert!r} needs stage='experts'")
-  # Checkpoints hold the rbg PRNG's keys (see the README's measured facts).
-  with jax.default_prng_impl("rbg"):
-    model, meta = checkpoint.restore_model(workdir, stage, make)
+  method, members = entry.predictor(config, name, passes)
+  model, meta = checkpoint.restore_model(workdir, name,
+                                         functools.partial(entry.model, config, name))
   if expert is not None:
     if expert not in names:
       raise ValueError(f"unknown expert {expert!r}; this run's experts: {', '.join(names)}")
@@ -206,7 +177,6 @@ def _locate(path: Path, stage: str) -> tuple[Path, str]:
 
 def _one_expert(config: ml_collections.ConfigDict, members: nnx.Module, k: int) -> nnx.Module:
   """Expert k of stacked experts, as a DeepLabv3+ of its own."""
-  with jax.default_prng_impl("rbg"):
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build.baseline(config)))
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build.baseline(config)))
   _, state = nnx.split(members.members)
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[k], state))

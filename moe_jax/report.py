@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from moe_jax import checkpoint, evaluate, plots
-from moe_jax.plots import SHORT, method_rank
+from moe_jax.measures import MEASURES
+from moe_jax.plots import method_rank
 
 REPORT_FILE = "report.md"
 OPERATING_POINT = 0.5
@@ -40,11 +41,11 @@ def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[
   rows = []
   for method in sorted(split_results, key=method_rank):
     entry = split_results[method]
-    for measure in SHORT:
+    for measure in MEASURES:
       if measure not in entry.get("uncertainty", {}):
         continue
       values = entry["uncertainty"][measure]
-      rows.append([method, SHORT[measure]] + [
+      rows.append([method, MEASURES[measure].short] + [
           _pct(values[key][at])
           for key in ("p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu")] +
           [_pct(_area(values["pavpu"])), _pct(values["per_image"]["pavpu"][at]),
@@ -68,7 +69,7 @@ def claims(results: dict, in_split: str | None, ood_split: str | None) -> list[s
         ens = _area(split["ensemble"]["uncertainty"][measure]["pavpu"])
         if ours is not None and ens is not None:
           better = "higher" if ours > ens else "lower" if ours < ens else "equal"
-          verdicts.append(f"`{moe}` {SHORT[measure]} {_pct(ours)} vs ensemble {_pct(ens)} "
+          verdicts.append(f"`{moe}` {MEASURES[measure].short} {_pct(ours)} vs ensemble {_pct(ens)} "
                           f"({better})")
     lines += [f"1. **MoE vs ensemble under OOD** (`{ood_split}`, PAvPU averaged over the "
               f"threshold sweep, %): " + "; ".join(verdicts) + "."]
@@ -155,16 +156,16 @@ def write(workdir: str | Path) -> Path:
       if "calibration" in entry:
         softmax = entry["calibration"]["max_softmax"]
         rows.append([method, _pct(softmax["ece"]), _pct(softmax["adaptive_ece"])] +
-                    [_pct(entry["uncertainty"].get(m, {}).get("ece")) for m in SHORT] +
+                    [_pct(entry["uncertainty"].get(m, {}).get("ece")) for m in MEASURES] +
                     [f"{entry['brier']:.3f}", f"{entry['nll']:.3f}"])
-    lines += _table(["method", "max softmax", "max softmax (adaptive)"] + list(SHORT.values()) +
+    lines += _table(["method", "max softmax", "max softmax (adaptive)"] + [m.short for m in MEASURES.values()] +
                     ["Brier", "NLL"], rows)
   if results["ood"]:
     lines += ["", f"## OOD detection: `{in_split}` vs `{ood_split}` pixels (AUROC %, FPR at "
               "95% TPR %)", ""]
-    lines += _table(["method"] + [f"{SHORT[m]} AUROC / FPR95" for m in SHORT], [
+    lines += _table(["method"] + [f"{MEASURES[m].short} AUROC / FPR95" for m in MEASURES], [
         [method] + [f"{_pct(o[m]['auroc'])} / {_pct(o[m]['fpr_at_95_tpr'])}" if m in o else "–"
-                    for m in SHORT] for method, o in sorted(results["ood"].items(),
+                    for m in MEASURES] for method, o in sorted(results["ood"].items(),
                                                 key=lambda item: method_rank(item[0]))])
   lines += corruption_lines(results)
   lines += [""] + claims(results, in_split, ood_split)

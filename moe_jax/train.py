@@ -1,14 +1,11 @@
-"""Training: losses, optimisers, the one compiled train step, the loop, and the stages.
+"""Training: optimisers, the one compiled train step, the loop, and running a stage.
 
-Every stage (experts, baseline, deep_ensemble, gate) is the same loop (`fit`) around the
-same compiled step (`train_step`) with its own model, loss, batches and optimiser filter:
-
-- experts: K experts with stacked parameters, expert k on a batch of its own domain
-  (one stream per domain, stacked to [K, B, ...]), so all K cost one compiled step;
-- baseline: one DeepLabv3+ on all training data (the MC-dropout baseline);
-- deep_ensemble: M such models with different seeds, stacked like the experts (optional);
-- gate: the MoE with the best experts frozen (eval-mode BatchNorm, no dropout, no
-  gradients: the optimiser only sees the gate and the fusion conv).
+Every stage of `moe_jax.stages.STAGES` (experts, baseline, deep_ensemble, gate) is the same
+loop (`fit`) around the same compiled step (`train_step`) with the model, loss, batches
+and optimiser filter its entry names (`run`). Stacked models (the K experts, a deep
+ensemble) take member k's batch from its own stream, stacked to [K, B, ...], so all K
+cost one compiled step; the gate stage trains the router of an MoE whose experts are
+frozen (eval-mode BatchNorm, no dropout, no gradients).
 
 Each stage validates (mIoU) and checkpoints every `eval_every_epochs`, keeps the best,
 skips itself when already finished and resumes from its last checkpoint otherwise.
@@ -16,7 +13,6 @@ skips itself when already finished and resumes from its last checkpoint otherwis
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from pathlib import Path
@@ -31,28 +27,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from moe_jax import checkpoint, evaluate, input_pipeline, methods, metrics
+from moe_jax import checkpoint, evaluate, input_pipeline, methods, metrics, stages
+from moe_jax.config_checks import ConfigError
 from moe_jax.models import build, pretrained
-
-IGNORE_LABEL = metrics.IGNORE_LABEL
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy over pixels whose label is not 255.
-
-  Args:
-    logits: float [..., H, W, C].
-    labels: int [..., H, W]; 255 = ignore.
-
-  Returns:
-    float32 scalar; 0 when every pixel is ignored (PyTorch would return nan).
-  """
-  labels = labels.astype(jnp.int32)
-  valid = labels != IGNORE_LABEL
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), jnp.where(valid, labels, 0))
-  return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
                    key: str = "train.optimizer"):
@@ -67,41 +44,14 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
   elif config.schedule == "cosine":
     lr = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
   else:
-    raise ValueError(f"config key {key}.schedule={config.schedule!r}; use "
-                     "'constant' or 'cosine'.")
+    raise ConfigError(f"config key {key}.schedule={config.schedule!r}; use "
+                      "'constant' or 'cosine'.")
   if config.name == "sgd":
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(lr, momentum=config.momentum or None))
   if config.name == "adamw":
     return optax.adamw(lr, weight_decay=config.weight_decay)
-  raise ValueError(f"config key {key}.name={config.name!r}; use 'sgd' or 'adamw'.")
-
-
-def expert_loss(experts: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-  """Sum over experts of each expert's loss on its own batch.
-
-  batch: {"image": uint8 [K, B, H, W, 3], "label": [K, B, H, W]}. Summing keeps expert
-  k's gradient equal to the gradient of its own mean loss.
-  """
-  logits, _ = experts(batch["image"].astype(jnp.float32) / 255.0, per_expert=True)
-  return jnp.sum(jax.vmap(cross_entropy)(logits, batch["label"]))
-
-
-def single_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-  """One DeepLabV3Plus on batch {"image": uint8 [B, H, W, 3], "label": [B, H, W]}."""
-  logits, _ = model(batch["image"].astype(jnp.float32) / 255.0)
-  return cross_entropy(logits, batch["label"])
-
-
-def mixture_loss(moe: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-  """The MoE's fused logits on batch {"image": uint8 [B, H, W, 3], "label": [B, H, W]}."""
-  return cross_entropy(moe(batch["image"].astype(jnp.float32) / 255.0)["logits"],
-                       batch["label"])
-
-
-# Parameters the gate stage trains; everything else in the MoE (the experts) is frozen.
-GATE_PARAMS = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("gate"),
-                                         nnx.PathContains("fusion_conv")))
+  raise ConfigError(f"config key {key}.name={config.name!r}; use 'sgd' or 'adamw'.")
 
 
 @nnx.jit(static_argnums=(0, 4), donate_argnums=(1, 2))
@@ -253,21 +203,18 @@ def _percent(value: float | None) -> str:
 # ------------------------------------------------------------------------------ stages
 
 def _schedule(section: ml_collections.ConfigDict, name: str, split_sizes: Sequence[int]):
-  """(total steps, eval every) for a stage; an epoch = the largest split."""
-  for key in ("batch_size", "epochs", "eval_every_epochs"):
-    if not isinstance(section[key], int) or section[key] < 1:
-      raise ValueError(f"config key train.{name}.{key}={section[key]!r} must be a positive "
-                       "integer.")
+  """(total steps, eval every) for a stage; an epoch = the largest split (the section's
+  integers are checked by config_checks.validate)."""
   steps_per_epoch = max(split_sizes) // section.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f"config key train.{name}.batch_size={section.batch_size} is larger "
-                     f"than the training split ({max(split_sizes)} frames); lower it.")
+    raise ConfigError(f"config key train.{name}.batch_size={section.batch_size} is larger "
+                      f"than the training split ({max(split_sizes)} frames); lower it.")
   total = section.epochs * steps_per_epoch
   eval_every = max(1, section.eval_every_epochs * steps_per_epoch)
   return total, min(eval_every, total)
 
 
-def _stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Module], float]:
+def stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Module], float]:
   """Mean over members of member k's mIoU on val_splits[k] (one pass per distinct split)."""
   def validate(members: nnx.Module) -> float:
     scores = [math.nan] * len(val_splits)
@@ -283,7 +230,7 @@ def _stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Modu
   return validate
 
 
-def _validation(config, outputs: Callable, method: str) -> Callable[[nnx.Module], float]:
+def validation(config, outputs: Callable, method: str) -> Callable[[nnx.Module], float]:
   """mIoU of `method` (a key of the output function's result) on the config's val split."""
   def validate(model: nnx.Module) -> float:
     cms = evaluate.confusions(outputs, model,
@@ -306,26 +253,37 @@ def finished(workdir: str | Path, stage: str) -> dict | None:
     return ckpt.read_meta(ckpt.best_step()) if ckpt.is_finished() else None
 
 
-def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
-           loss_fn: Callable, train_splits: list[str], validate: Callable[[nnx.Module], float],
-           stacked: bool, wrt=nnx.Param, train_mode: bool = True,
-           section: str | None = None, backbone_weights: str = "") -> dict:
-  """Runs `fit` for a stage from its config section `train.<section>` (default `stage`).
+def run(config: ml_collections.ConfigDict, workdir: str | Path, name: str) -> dict[str, dict]:
+  """Trains stage `name` of `stages.STAGES`: each of its checkpoints in turn, from its
+  config section `train.<name>` (the gate stage: one MoE per router in model.gates, each
+  around the same frozen experts).
 
-  A finished stage is reported and skipped before anything is built or read.
-  `stacked`: member k of a stacked model takes a batch of `train_splits[k]`, all stacked to
-  [K, B, ...]; otherwise the model takes plain batches [B, ...] of the one split.
-  `backbone_weights`: a torchvision ResNet checkpoint the fresh model's backbone (every
-  member's) starts from (a resumed run then restores its own checkpoint over it).
+  Returns:
+    {checkpoint name: best checkpoint meta}; {} when the config turns the stage off.
   """
-  done = finished(workdir, stage)
+  stage = stages.STAGES[name]
+  names = stage.checkpoints(config)
+  if not names:
+    print(f"{name}: skipped ({stage.off_reason})")
+  return {checkpoint_name: _train(config, workdir, name, checkpoint_name, stage)
+          for checkpoint_name in names}
+
+
+def _train(config, workdir, name: str, checkpoint_name: str, stage: stages.Stage) -> dict:
+  """Runs `fit` for one checkpoint of a stage from its config section `train.<name>`.
+
+  A finished one is reported and skipped before anything is built or read. A stacked
+  model's member k takes batches of its own train split, all stacked to [K, B, ...];
+  otherwise the model takes plain batches [B, ...] of the one split. With
+  model.backbone_weights and a stage that takes them, the fresh model's backbone (every
+  member's) starts from that torchvision ResNet checkpoint (a resumed run then restores
+  its own checkpoint over it).
+  """
+  done = finished(workdir, checkpoint_name)
   if done is not None:
-    return _skipped(stage, done, checkpoint.stage_dir(workdir, stage))
-  name = section or stage
-  if config.train.nonfinite not in ("stop", "skip"):
-    raise ValueError(f"config key train.nonfinite={config.train.nonfinite!r}; use 'stop' or "
-                     "'skip'.")
+    return _skipped(checkpoint_name, done, checkpoint.stage_dir(workdir, checkpoint_name))
   section, data = config.train[name], config.data
+  train_splits = stage.train_splits(config)
   sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
   total, eval_every = _schedule(section, name, sizes)
   seeds = [config.seed + build.SEED_OFFSETS[name] + k for k in range(len(train_splits))]
@@ -333,75 +291,22 @@ def _train(config, workdir, stage: str, make_model: Callable[[], nnx.Module], *,
   def batches(first: int) -> Iterator[dict]:
     stream = input_pipeline.train_batches(data, train_splits, batch_size=section.batch_size,
                                           seeds=seeds, start_step=first)
-    return stream if stacked else _first_member(stream)
+    return stream if stage.stacked else _first_member(stream)
 
-  model = make_model()
-  if backbone_weights:
-    pretrained.load_backbone((model.members if stacked else model).backbone, backbone_weights)
-    print(f"{stage}: backbone from {backbone_weights}")
+  if stage.training_model is not None:
+    model = stage.training_model(config, Path(workdir), checkpoint_name)
+  else:
+    model = stage.model(config, checkpoint_name)
+  weights = config.model.backbone_weights if stage.pretrained_backbone else ""
+  if weights:
+    pretrained.load_backbone((model.members if stage.stacked else model).backbone, weights)
+    print(f"{checkpoint_name}: backbone from {weights}")
   optimizer = nnx.Optimizer(
-      model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer"), wrt=wrt)
-  return fit(stage, model=model, optimizer=optimizer, loss_fn=loss_fn, batches=batches,
-             total_steps=total, eval_every=eval_every, validate=validate, workdir=workdir,
+      model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer"),
+      wrt=stage.trains)
+  return fit(checkpoint_name, model=model, optimizer=optimizer, loss_fn=stage.loss,
+             batches=batches, total_steps=total, eval_every=eval_every,
+             validate=stage.validation(config, checkpoint_name), workdir=workdir,
              keep=config.train.keep_checkpoints, log_every=config.train.log_every,
-             images_per_step=section.batch_size * len(train_splits), train_mode=train_mode,
-             section=name, nonfinite=config.train.nonfinite)
-
-
-def train_experts(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Stage "experts": K experts at once, expert k on its own domain's training split."""
-  names = input_pipeline.expert_names(config.data)
-  return _train(
-      config, workdir, "experts", lambda: build.experts(config, len(names)),
-      loss_fn=expert_loss,
-      train_splits=[input_pipeline.expert_split(config.data, n, "train") for n in names],
-      stacked=True, validate=_stacked_validation(
-          config, [input_pipeline.expert_split(config.data, n, "val") for n in names]),
-      backbone_weights=config.model.backbone_weights)
-
-
-def train_deep_ensemble(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
-  """Stage "deep_ensemble": M models on all training data with different seeds and data
-  orders, trained at once like the experts. None when model.deep_ensemble_members is 0."""
-  members = config.model.deep_ensemble_members
-  if not members:
-    print("deep_ensemble: skipped (config key model.deep_ensemble_members=0)")
-    return None
-  return _train(config, workdir, "deep_ensemble", lambda: build.deep_ensemble(config),
-                loss_fn=expert_loss, train_splits=[config.data.train_split] * members,
-                stacked=True,
-                validate=_stacked_validation(config, [config.data.val_split] * members),
-                backbone_weights=config.model.backbone_weights)
-
-
-def train_baseline(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Stage "baseline": one DeepLabv3+ on all training data (the MC-dropout baseline)."""
-  return _train(config, workdir, "baseline", lambda: build.baseline(config),
-                loss_fn=single_loss,
-                train_splits=[config.data.train_split], stacked=False,
-                validate=_validation(config, methods.single, "model"),
-                backbone_weights=config.model.backbone_weights)
-
-
-def mixture_with_trained_experts(config: ml_collections.ConfigDict, workdir: str | Path,
-                                 gate: str) -> nnx.Module:
-  """The MoE around the experts stage's best checkpoint (`gate` freshly initialised)."""
-  num = len(input_pipeline.expert_names(config.data))
-  experts, _ = checkpoint.restore_model(workdir, "experts", lambda: build.experts(config, num))
-  return build.mixture(config, experts, gate)
-
-
-def train_gate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict]:
-  """Stage "gate": one gate (and fusion conv) per type in model.gates, each on all training
-  data around the same frozen experts, one after another (config section train.gate).
-
-  Returns:
-    {gate type: best checkpoint meta}.
-  """
-  validate = _validation(config, methods.mixture_with("weighted", experts=False), "moe")
-  return {gate: _train(config, workdir, build.gate_stage(gate),
-                       functools.partial(mixture_with_trained_experts, config, workdir, gate),
-                       loss_fn=mixture_loss, train_splits=[config.data.train_split],
-                       stacked=False, validate=validate, wrt=GATE_PARAMS, train_mode=False,
-                       section="gate")
-          for gate in build.gate_types(config)}
+             images_per_step=section.batch_size * len(train_splits),
+             train_mode=stage.train_mode, section=name, nonfinite=config.train.nonfinite)

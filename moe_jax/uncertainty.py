@@ -7,10 +7,11 @@ omitted; normalised over S here). Raw values are in nats:
   predictive entropy  PE = H(p̄),  p̄ = Σ_s w_s p_s
   mutual information  MI = H(p̄) − Σ_s w_s H(p_s)          (≥ 0 for any weights)
   expert variance     EV = sqrt(Σ_s w_s (p_s[ĉ] − p̄[ĉ])²),  ĉ = argmax p̄
-  gate entropy        GE = −Σ_k g_k log g_k
+  gate entropy        GE = −Σ_k g_k log g_k   (moe_jax.models.routers.gate_entropy_map)
 
-Normalised versions lie in [0, 1]: PE/log C, MI/log C, EV/0.5 (the largest standard deviation
-of values in [0, 1]), GE/log K. 0·log 0 = 0, so probabilities of exactly 0 and 1 are fine.
+`moe_jax.measures` maps them to [0, 1] (PE/log C, MI/log C, EV/0.5, the largest standard
+deviation of values in [0, 1], GE/log K). 0·log 0 = 0, so probabilities of exactly 0 and 1
+are fine.
 
 Where the reference code differs: it subtracts the *unweighted* mean member entropy for the
 gate-weighted MoE and clamps the negative MI that this produces, and it divides EV by the
@@ -101,17 +102,33 @@ def mean_probs(m: Moments) -> jax.Array:
   return m.reference + m.shift / m.weight[..., None]
 
 
+def predictive_entropy_of(m: Moments) -> jax.Array:
+  """PE = H(p̄) [...] in nats."""
+  return entropy(mean_probs(m))
+
+
+def mutual_information_of(m: Moments) -> jax.Array:
+  """MI = H(p̄) − Σ_s w_s H(p_s) [...] in nats (≥ 0: a negative value is rounding only)."""
+  return jnp.maximum(predictive_entropy_of(m) - m.member_entropy / m.weight, 0.0)
+
+
+def prediction_of(m: Moments) -> jax.Array:
+  """argmax p̄, int [...]."""
+  return jnp.argmax(mean_probs(m), axis=-1)
+
+
+def expert_variance_of(m: Moments) -> jax.Array:
+  """EV = sqrt(Σ_s w_s (p_s[ĉ] − p̄[ĉ])²) at ĉ = argmax p̄, [...] in [0, 0.5]."""
+  at = lambda x: jnp.take_along_axis(x, prediction_of(m)[..., None], axis=-1)[..., 0]
+  mean_shift = at(m.shift) / m.weight
+  return jnp.sqrt(jnp.maximum(at(m.square) / m.weight - mean_shift ** 2, 0.0))
+
+
 def measures(m: Moments) -> dict[str, jax.Array]:
   """Raw PE, MI, EV [...] (nats; EV in probability units) and the prediction argmax p̄."""
-  mean = mean_probs(m)
-  predictive = entropy(mean)
-  mutual = jnp.maximum(predictive - m.member_entropy / m.weight, 0.0)  # rounding only
-  prediction = jnp.argmax(mean, axis=-1)
-  at = lambda x: jnp.take_along_axis(x, prediction[..., None], axis=-1)[..., 0]
-  mean_shift = at(m.shift) / m.weight
-  variance = jnp.maximum(at(m.square) / m.weight - mean_shift ** 2, 0.0)
-  return {"predictive_entropy": predictive, "mutual_information": mutual,
-          "expert_variance": jnp.sqrt(variance), "prediction": prediction}
+  return {"predictive_entropy": predictive_entropy_of(m),
+          "mutual_information": mutual_information_of(m),
+          "expert_variance": expert_variance_of(m), "prediction": prediction_of(m)}
 
 
 def predictive_entropy(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -127,36 +144,6 @@ def mutual_information(probs: jax.Array, weights: jax.Array | None = None) -> ja
 def expert_variance(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """Weighted population std over members of p_s at argmax p̄, [...] in [0, 0.5]."""
   return measures(moments(probs, weights))["expert_variance"]
-
-
-def gate_entropy(gates: jax.Array) -> jax.Array:
-  """−Σ_k g_k log g_k over the last axis: gates [..., K] -> [...] in nats."""
-  return entropy(gates)
-
-
-def gate_entropy_map(gates: jax.Array, prediction: jax.Array) -> jax.Array:
-  """Per-pixel gate entropy [B, H, W] in nats.
-
-  Args:
-    gates: [B, K] (simple gate: one value per image, broadcast over pixels) or
-      [B, C, K] (classwise: the gate of each pixel's predicted class).
-    prediction: int [B, H, W] predicted classes.
-  """
-  per_gate = gate_entropy(gates)
-  if gates.ndim == 2:
-    return jnp.broadcast_to(per_gate[:, None, None], prediction.shape)
-  return jnp.take_along_axis(per_gate[:, None, None, :], prediction[..., None], axis=-1)[..., 0]
-
-
-def normalised(raw: dict[str, jax.Array], num_classes: int,
-               num_experts: int | None = None) -> dict[str, jax.Array]:
-  """Raw measures -> [0, 1]: PE, MI ÷ log C; EV ÷ 0.5; GE ÷ log K. Other keys pass through."""
-  scale = {"predictive_entropy": jnp.log(num_classes), "mutual_information": jnp.log(num_classes),
-           "expert_variance": EV_MAX}
-  if num_experts is not None:
-    scale["gate_entropy"] = jnp.log(num_experts) if num_experts > 1 else 1.0
-  return {key: jnp.clip(value / scale[key], 0.0, 1.0) if key in scale else value
-          for key, value in raw.items()}
 
 
 def scan_members(member_probs, num_members: int, weights: jax.Array | None = None) -> Moments:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moe_jax import evaluate, methods, metrics
+from moe_jax.models import routers
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -25,7 +26,8 @@ def test_gate_statistics_of_a_simple_gate_count_labelled_images():
   gates = jnp.array([[0.0, 1.0], [0.52, 0.48], [0.3, 0.7]])  # [B=3, K=2]
   valid = np.ones((3, 2, 2), bool)
   valid[2] = False  # an all-padding image is not counted
-  stats = evaluate._gate_statistics(gates, jnp.asarray(valid))
+  stats = evaluate._gate_statistics(routers.Routing(gates[None], gates[None], unit="image"),
+                                    jnp.asarray(valid))
   expected = np.zeros((2, 20), int)
   expected[0, [0, 10]] = 1  # 0.0 -> bin 0, 0.52 -> bin 10
   expected[1, [19, 9]] = 1  # 1.0 -> the last (closed) bin, 0.48 -> bin 9
@@ -33,10 +35,11 @@ def test_gate_statistics_of_a_simple_gate_count_labelled_images():
   np.testing.assert_allclose(stats["gate_sum"], [0.52, 1.48], rtol=1e-6)
 
 
-def test_gate_statistics_of_a_classwise_gate_count_labelled_pixels():
+def test_gate_statistics_of_a_pixel_routing_count_labelled_pixels():
   gates = jnp.array([[[[0.1, 0.9], [0.96, 0.04]]]])  # [B=1, H=1, W=2, K=2]
   valid = jnp.array([[[True, False]]])
-  stats = evaluate._gate_statistics(gates, valid)
+  stats = evaluate._gate_statistics(routers.Routing(gates[None], gates[None], unit="pixel"),
+                                    valid)
   assert stats["gate_histogram"].sum() == 2  # one pixel, one count per expert
   assert stats["gate_histogram"][0, 2] == 1 and stats["gate_histogram"][1, 18] == 1
   np.testing.assert_allclose(stats["gate_sum"], [0.1, 0.9], rtol=1e-6)
@@ -83,7 +86,8 @@ def _fixed_moe_outputs(model, images, key):
   del images, key
   z, g = model.expert_logits.value, model.gates.value
   return methods.mixture_outputs({"logits": jnp.einsum("kbhwc,bk->bhwc", z, g),
-                                  "expert_logits": z, "gate_weights": g})
+                                  "expert_logits": z,
+                                  "routing": routers.Routing(g[None], g[None], unit="image")})
 
 
 def _numbers(tree):

@@ -129,24 +129,23 @@ def _files(root: Path) -> dict[str, tuple[int, int]]:
 
 # ------------------------------------------------ restore: predicting with a finished run
 
-def _recomputed_maps(out: dict, num_classes: int) -> dict:
+def _recomputed_maps(out: dict, num_classes: int, method: str) -> dict:
   """The maps from the returned member_probs and gate_weights alone (moe_jax.uncertainty)."""
   import jax.numpy as jnp
-  from moe_jax import uncertainty
-  probs, gates = out["member_probs"], out.get("gate_weights")
-  if gates is None:
-    weights = None
-  elif gates.ndim == 2:  # simple gate [B,K]: one weight per image and expert
-    weights = gates.T[:, :, None, None]
-  else:  # classwise [B,C,K]: each pixel's predicted class's gate
-    seg = out["segmentation"]
-    weights = np.moveaxis(np.take_along_axis(gates[:, None, None], seg[..., None, None], 3)[
-        ..., 0, :], -1, 0)
+  import scipy.special
+  from moe_jax import measures, uncertainty
+  probs, gates, seg = out["member_probs"], out.get("gate_weights"), out["segmentation"]
+  if method == "moe_simple":  # [B,K]: one weight per image and expert
+    per_pixel = np.broadcast_to(gates[:, None, None, :], (*seg.shape, gates.shape[-1]))
+  elif method == "moe_classwise":  # [B,C,K]: each pixel's predicted class's gate
+    per_pixel = np.take_along_axis(gates[:, None, None], seg[..., None, None], 3)[..., 0, :]
+  else:
+    per_pixel = None
+  weights = None if per_pixel is None else np.moveaxis(per_pixel, -1, 0)
   raw = uncertainty.measures(uncertainty.moments(jnp.asarray(probs), weights))
-  if gates is not None:
-    raw["gate_entropy"] = uncertainty.gate_entropy_map(jnp.asarray(gates),
-                                                      jnp.asarray(out["segmentation"]))
-  return uncertainty.normalised(raw, num_classes, probs.shape[0])
+  if per_pixel is not None:
+    raw["gate_entropy"] = -scipy.special.xlogy(per_pixel, per_pixel).sum(-1)
+  return measures.normalised(raw, num_classes, probs.shape[0])
 
 
 @pytest.mark.slow
@@ -171,7 +170,7 @@ def test_restore_predicts_consistent_maps_at_any_size(smoke_run, stage, options,
   assert maps == (MEASURES if method.startswith("moe_") else MEASURES - {"gate_entropy"})
   for name in maps:
     assert out[name].shape == (1, 37, 61) and 0 <= out[name].min() and out[name].max() <= 1
-  again = _recomputed_maps(out, c)
+  again = _recomputed_maps(out, c, method)
   for name in maps:
     np.testing.assert_allclose(out[name], again[name], atol=2e-5, err_msg=name)
   if method == "moe_simple":

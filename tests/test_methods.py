@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import methods, uncertainty
+from moe_jax import measures, methods, uncertainty
 from moe_jax.models import moe
 from moe_jax.models.deeplab import DeepLabV3Plus
 
@@ -46,19 +46,20 @@ def test_mixtures_of_several_gates_equal_each_mixture_on_its_own():
               **{key: value for key, value in apart[0].items() if key != "moe"}}
   for key, out in expected.items():
     assert set(together[key]) == set(out), key
-    for name, value in out.items():
-      np.testing.assert_allclose(together[key][name], value, atol=1e-6, err_msg=key + name)
+    for name, value in out.items():  # arrays, and the Routing of the MoEs
+      jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, err_msg=key + name),
+                   together[key][name], value)
 
 
 def check_mixture_output(out, forward, gate, members):
   assert set(out) == {"moe", "ensemble", "expert_0", "expert_1", "expert_2"}
   moe_out = out["moe"]
   np.testing.assert_array_equal(moe_out["prediction"], jnp.argmax(forward["logits"], -1))
-  for measure in methods.MEASURES:
+  for measure in measures.NAMES:
     assert moe_out[measure].shape == (2, 32, 48), measure
     assert np.all((moe_out[measure] >= 0) & (moe_out[measure] <= 1)), measure
   probs = uncertainty.probabilities(forward["expert_logits"])
-  gates = forward["gate_weights"]
+  gates = forward["routing"].weights[0]  # [B,K] (simple) or [B,C,K] (classwise)
   if members == "weighted" and gate == "simple":
     expected = uncertainty.measures(uncertainty.moments(probs, gates.T[:, :, None, None]))
     np.testing.assert_allclose(moe_out["mutual_information"],
@@ -103,6 +104,6 @@ def test_mc_dropout_shared_encoder_equals_full_passes_and_passes_differ():
   np.testing.assert_allclose(out["probs"], shared.mean(0), atol=1e-6)
   naive = nnx.jit(functools.partial(methods.mc_dropout, passes=4, shared_encoder=False))(
       model, IMAGES, key)["mc_dropout_4"]
-  for name in ("probs", *methods.MEASURES[:3]):
+  for name in ("probs", *measures.of_source("members")):
     np.testing.assert_allclose(naive[name], out[name], atol=1e-5, err_msg=name)
   assert float(out["mutual_information"].max()) > 0

@@ -1,4 +1,4 @@
-"""Model shapes, stacked experts against separately built ones, gates."""
+"""Model shapes, stacked experts against separately built ones, routers."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.models import backbone, deeplab, gates, moe
+from moe_jax.models import backbone, deeplab, moe, routers
 
 SMALL = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aspp_channels=16,
                                        aspp_dropout=0.1, decoder_dropout=0.0))
@@ -77,7 +77,7 @@ def test_decoder_split_into_its_inputs_equals_the_conv_on_their_concatenation():
 
 
 @pytest.mark.parametrize("k", [2, 4])
-@pytest.mark.parametrize("gate", ["simple", "classwise"])
+@pytest.mark.parametrize("gate", ["simple", "classwise", "pixel"])
 def test_moe_shapes_and_gate_weights_sum_to_one(k, gate):
   experts = moe.StackedExperts(moe.make_expert(SMALL, C), k, execution="unroll",
                                rngs=nnx.Rngs(0))
@@ -87,8 +87,12 @@ def test_moe_shapes_and_gate_weights_sum_to_one(k, gate):
   out = call(model, images(3))
   assert out["logits"].shape == (3, H, W, C)
   assert out["expert_logits"].shape == (k, 3, H, W, C)
-  weights = out["gate_weights"]
-  assert weights.shape == ((3, k) if gate == "simple" else (3, C, k))
+  routing = out["routing"]
+  assert routing.unit == {"simple": "image", "classwise": "class", "pixel": "pixel"}[gate]
+  assert routing.logits.shape == routing.weights.shape and routing.aux_losses == {}
+  weights = routing.weights
+  assert weights.shape == {"simple": (1, 3, k), "classwise": (1, 3, C, k),
+                           "pixel": (1, 3, H, W, k)}[gate]
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
   assert (weights >= 0).all()
 
@@ -132,23 +136,36 @@ def test_stacked_training_forward_updates_each_members_batch_statistics(executio
 
 
 def test_classwise_gate_is_c_independent_simple_gates():
-  gate = gates.ClasswiseGate(8, (2, 3), 2, 4, hidden=6, rngs=nnx.Rngs(0))
+  args = routers.RouterArgs(in_ch=8, feature_hw=(2, 3), num_experts=2, num_classes=4,
+                            hidden=6)
+  gate = routers.make("classwise", args, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (5, 2, 3, 8))
-  weights = gate(x)
+  weights = gate(x, output_size=(32, 48)).weights[0]
   graphdef, state = nnx.split(gate.gates)
   for c in range(4):
     simple = nnx.merge(graphdef, jax.tree.map(lambda a: a[c], state))
-    np.testing.assert_allclose(weights[:, c], simple(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weights[:, c], simple(x, output_size=(32, 48)).weights[0],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_fuse_is_the_weighted_sum_of_logits():
   logits = jax.random.normal(jax.random.key(0), (2, 3, 4, 5, 6))  # K=2, B=3
   w = jax.nn.softmax(jax.random.normal(jax.random.key(1), (3, 2)))
   expected = w[:, 0, None, None, None] * logits[0] + w[:, 1, None, None, None] * logits[1]
-  np.testing.assert_allclose(gates.fuse(logits, w), expected, rtol=1e-5, atol=1e-6)
+  fused = routers.fuse(logits, routers.Routing(w[None], w[None], unit="image"))
+  np.testing.assert_allclose(fused[0], expected, rtol=1e-5, atol=1e-6)
   wc = jax.nn.softmax(jax.random.normal(jax.random.key(2), (3, 6, 2)))
   expected = (wc[:, None, None, :, 0] * logits[0] + wc[:, None, None, :, 1] * logits[1])
-  np.testing.assert_allclose(gates.fuse(logits, wc), expected, rtol=1e-5, atol=1e-6)
+  fused = routers.fuse(logits, routers.Routing(wc[None], wc[None], unit="class"))
+  np.testing.assert_allclose(fused[0], expected, rtol=1e-5, atol=1e-6)
+  wp = jax.nn.softmax(jax.random.normal(jax.random.key(3), (3, 4, 5, 2)))  # [B,H,W,K]
+  expected = wp[..., 0, None] * logits[0] + wp[..., 1, None] * logits[1]
+  # Two routing samples: each fused on its own.
+  fused = routers.fuse(logits, routers.Routing(jnp.stack([wp, wp[..., ::-1]]), wp[None],
+                                               unit="pixel"))
+  np.testing.assert_allclose(fused[0], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fused[1], wp[..., 1, None] * logits[0] + wp[..., 0, None] * logits[1],
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_image_size_must_be_a_multiple_of_16():

@@ -16,8 +16,8 @@ CORRUPTIONS = ["fog", "gaussian_noise"]
 SEVERITIES = [1, 2, 3, 4, 5]
 MOE = ["moe_simple", "moe_classwise"]
 METHODS = {"expert_highway": ["predictive_entropy"], "expert_urban": ["predictive_entropy"],
-           "ensemble": list(plots.MEASURES[:3]), **{m: list(plots.MEASURES) for m in MOE},
-           "baseline": ["predictive_entropy"], "mc_dropout_4": list(plots.MEASURES[:3])}
+           "ensemble": list(plots.MEASURES)[:3], **{m: list(plots.MEASURES) for m in MOE},
+           "baseline": ["predictive_entropy"], "mc_dropout_4": list(plots.MEASURES)[:3]}
 CALIBRATION_BINS = 45  # a multiple of 15: regrouped for the diagrams
 
 

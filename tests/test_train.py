@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import train
+from moe_jax import losses, stages, train
 from moe_jax.models import moe
 
 SMALL = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aspp_channels=16,
@@ -20,8 +20,8 @@ def test_cross_entropy_ignores_255_against_a_hand_computed_value():
   logits = jnp.array([[[[2.0, 0.0], [0.0, 0.0], [5.0, -5.0]]]])  # [1, 1, 3, 2]
   labels = jnp.array([[[0, 1, 255]]], jnp.uint8)
   expected = (np.log(1 + np.exp(-2.0)) + np.log(2.0)) / 2
-  np.testing.assert_allclose(train.cross_entropy(logits, labels), expected, rtol=1e-6)
-  assert train.cross_entropy(logits, jnp.full((1, 1, 3), 255, jnp.uint8)) == 0.0
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels), expected, rtol=1e-6)
+  assert losses.cross_entropy(logits, jnp.full((1, 1, 3), 255, jnp.uint8)) == 0.0
 
 
 def test_sgd_applies_weight_decay_like_torch():
@@ -57,7 +57,7 @@ def run_expert_steps(seed, steps=4):
   images = np.zeros((2, 2, 16, 16, 3), np.uint8)
   images[..., 0] = labels * 100
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
-  return [float(train.train_step(train.expert_loss, experts, optimizer, batch)[0])
+  return [float(train.train_step(losses.expert_loss, experts, optimizer, batch)[0])
           for _ in range(steps)]
 
 
@@ -88,19 +88,19 @@ def test_gate_stage_leaves_the_frozen_experts_untouched():
   model.eval()  # as the gate stage does: BatchNorm statistics frozen, dropout off
   experts_before = as_numpy(nnx.state(model.experts))
   gate_before = as_numpy(nnx.state(model.gate, nnx.Param))
-  optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, 3), wrt=train.GATE_PARAMS)
+  optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, 3), wrt=stages.GATE_PARAMS)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.integers(0, 255, (2, 32, 32, 3)), jnp.uint8),
            "label": jnp.asarray(rng.integers(0, 3, (2, 32, 32)), jnp.uint8)}
   for _ in range(3):
-    train.train_step(train.mixture_loss, model, optimizer, batch)
+    train.train_step(losses.mixture_loss, model, optimizer, batch)
   experts_after = as_numpy(nnx.state(model.experts))
   jax.tree.map(np.testing.assert_array_equal, experts_before, experts_after)
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), gate_before,
                        as_numpy(nnx.state(model.gate, nnx.Param)))
   assert all(jax.tree.leaves(moved)), "every gate parameter should have trained"
   trained = {path[0] for path, _ in nnx.to_flat_state(
-      nnx.state(model, train.GATE_PARAMS))}
+      nnx.state(model, stages.GATE_PARAMS))}
   assert trained == {"gate", "fusion_conv"}
 
 
@@ -221,6 +221,6 @@ def test_fit_skips_non_finite_steps_as_if_those_batches_were_not_there(tmp_path,
 
 def test_deep_ensemble_stage_is_skipped_when_no_members_are_asked_for(capsys):
   config = ml_collections.ConfigDict(dict(model=dict(deep_ensemble_members=0)))
-  assert train.train_deep_ensemble(config, "/nonexistent") is None
+  assert train.run(config, "/nonexistent", "deep_ensemble") == {}
   assert "deep_ensemble: skipped (config key model.deep_ensemble_members=0)" in \
       capsys.readouterr().out

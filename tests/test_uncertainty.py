@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from moe_jax import uncertainty as u
+from moe_jax import measures, uncertainty as u
+from moe_jax.models import routers
 
 
 def numpy_measures(probs, weights=None):
@@ -35,7 +36,7 @@ def test_two_confident_disagreeing_members_by_hand():
   np.testing.assert_allclose(out["predictive_entropy"], [np.log(2)], rtol=1e-6)
   np.testing.assert_allclose(out["mutual_information"], [np.log(2)], rtol=1e-6)
   np.testing.assert_allclose(out["expert_variance"], [0.5], rtol=1e-6)
-  norm = u.normalised(out, num_classes=2)
+  norm = measures.normalised(out, num_classes=2)
   np.testing.assert_allclose([norm[k][0] for k in ("predictive_entropy", "mutual_information",
                                                    "expert_variance")], [1, 1, 1], rtol=1e-6)
 
@@ -101,7 +102,7 @@ def test_ranges_and_permutation_invariance(raw, random):
                                     None if w is None else w[jnp.array(order)]))
     for key in ("predictive_entropy", "mutual_information", "expert_variance"):
       np.testing.assert_allclose(permuted[key], out[key], atol=2e-6)
-    norm = u.normalised(out, num_classes=c)
+    norm = measures.normalised(out, num_classes=c)
     assert all(np.all((0 <= norm[k]) & (norm[k] <= 1)) for k in
                ("predictive_entropy", "mutual_information", "expert_variance"))
 
@@ -130,7 +131,7 @@ def test_extreme_logits_exact_probabilities_and_bfloat16_stay_finite(dtype):
   logits = jnp.array([[[1e4, -1e4, 0.0]], [[-1e4, 1e4, 0.0]], [[0.0, 0.0, 0.0]]], dtype)
   probs = u.probabilities(logits)
   assert probs.dtype == jnp.float32 and set(np.unique(np.asarray(probs[:2]))) <= {0.0, 1.0}
-  out = u.normalised(u.measures(u.moments(probs.astype(dtype))), num_classes=3)
+  out = measures.normalised(u.measures(u.moments(probs.astype(dtype))), num_classes=3)
   for key in ("predictive_entropy", "mutual_information", "expert_variance"):
     assert np.all(np.isfinite(out[key])) and np.all((0 <= out[key]) & (out[key] <= 1)), key
   one_member = u.measures(u.moments(probs[:1]))  # one certain member: no uncertainty at all
@@ -138,14 +139,31 @@ def test_extreme_logits_exact_probabilities_and_bfloat16_stay_finite(dtype):
   assert float(one_member["expert_variance"][0]) == 0.0
 
 
-def test_gate_entropy_simple_and_classwise():
-  simple = jnp.array([[0.5, 0.5], [1.0, 0.0]])  # [B=2, K=2]
-  np.testing.assert_allclose(u.gate_entropy(simple), [np.log(2), 0.0], atol=1e-7)
+def _routing(weights, unit):
+  weights = jnp.asarray(weights)[None]  # R = 1
+  return routers.Routing(weights, jnp.log(weights), unit=unit)
+
+
+def test_gate_entropy_of_image_class_and_pixel_routers():
+  simple = [[0.5, 0.5], [1.0, 0.0]]  # [B=2, K=2]
   prediction = jnp.array([[[0, 1]], [[1, 1]]])  # [B=2, H=1, W=2]
-  np.testing.assert_allclose(u.gate_entropy_map(simple, prediction),
+  np.testing.assert_allclose(routers.gate_entropy_map(_routing(simple, "image"), prediction),
                              [[[np.log(2)] * 2], [[0.0] * 2]], atol=1e-7)
-  classwise = jnp.array([[[1.0, 0.0], [0.5, 0.5]], [[0.9, 0.1], [0.0, 1.0]]])  # [B, C=2, K]
+  classwise = [[[1.0, 0.0], [0.5, 0.5]], [[0.9, 0.1], [0.0, 1.0]]]  # [B, C=2, K]
   expected = [[[0.0, np.log(2)]], [[0.0, 0.0]]]  # the predicted class's gate
-  np.testing.assert_allclose(u.gate_entropy_map(classwise, prediction), expected, atol=1e-7)
-  norm = u.normalised({"gate_entropy": u.gate_entropy(simple)}, num_classes=3, num_experts=2)
+  np.testing.assert_allclose(routers.gate_entropy_map(_routing(classwise, "class"), prediction),
+                             expected, atol=1e-7)
+  pixel = [[[[0.5, 0.5], [0.0, 1.0]]], [[[1.0, 0.0], [0.25, 0.75]]]]  # [B, H=1, W=2, K]
+  h = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+  np.testing.assert_allclose(routers.gate_entropy_map(_routing(pixel, "pixel"), prediction),
+                             [[[np.log(2), 0.0]], [[0.0, h]]], atol=1e-7)
+  norm = measures.normalised({"gate_entropy": jnp.array([np.log(2), 0.0])}, num_classes=3,
+                             num_experts=2)
   np.testing.assert_allclose(norm["gate_entropy"], [1.0, 0.0], atol=1e-6)
+
+
+def test_gate_entropy_of_several_routing_samples_is_that_of_their_mean():
+  samples = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # R=2 confident, opposite samples; B=1
+  routing = routers.Routing(samples, jnp.log(samples), unit="image")
+  ge = routers.gate_entropy_map(routing, jnp.zeros((1, 2, 2), jnp.int32))
+  np.testing.assert_allclose(ge, np.full((1, 2, 2), np.log(2)), atol=1e-7)

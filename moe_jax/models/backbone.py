@@ -16,6 +16,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from moe_jax.config_checks import ConfigError
+
 DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3),
           "resnet101": (3, 4, 23, 3)}
 BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True, "resnet101": True}
@@ -101,7 +103,7 @@ class ResNet(nnx.Module):
 
   def __init__(self, name: str = "resnet101", *, width: float = 1.0, rngs: nnx.Rngs):
     if name not in DEPTHS:
-      raise ValueError(f"config key model.backbone={name!r} is unknown; use one of "
+      raise ConfigError(f"config key model.backbone={name!r} is unknown; use one of "
                        f"{', '.join(DEPTHS)}.")
     block = Bottleneck if BOTTLENECK[name] else BasicBlock
     planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]

@@ -18,9 +18,10 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from moe_jax.models.deeplab import DeepLabV3Plus
-from moe_jax.models.gates import ClasswiseGate, SimpleGate, fuse
+from moe_jax.config_checks import ConfigError
+from moe_jax.models import routers
 from moe_jax.models.backbone import conv
+from moe_jax.models.deeplab import DeepLabV3Plus
 
 EXECUTIONS = ("vmap", "unroll")
 
@@ -36,7 +37,7 @@ class StackedExperts(nnx.Module):
   def __init__(self, make: Callable[[nnx.Rngs], nnx.Module], num: int, *,
                execution: str = "vmap", rngs: nnx.Rngs):
     if execution not in EXECUTIONS:
-      raise ValueError(f"config key model.expert_execution={execution!r}; use one of "
+      raise ConfigError(f"config key model.expert_execution={execution!r}; use one of "
                        f"{', '.join(EXECUTIONS)}.")
 
     @nnx.split_rngs(splits=num)
@@ -76,13 +77,14 @@ def make_expert(model_config, num_classes: int) -> Callable[[nnx.Rngs], DeepLabV
 
 
 class MixtureOfExperts(nnx.Module):
-  """Stacked experts + gate on their concatenated ASPP features + fusion of their logits.
+  """Stacked experts + a router on their concatenated ASPP features + fusion of their logits.
 
-  Call: images float32 [B, H, W, 3] -> dict with
-    "logits" [B, H, W, C] (fused; + a 3x3 conv if `fusion_conv`),
+  Call: images float32 [B, H, W, 3] (and an optional routing key) -> dict with
+    "logits" [B, H, W, C] (fused; + a 3x3 conv if `fusion_conv`; with R > 1 routing
+      samples, the log of the mean over samples of each sample's softmax),
     "expert_logits" [K, B, H, W, C],
-    "gate_weights" [B, K] (simple) or [B, C, K] (classwise).
-  The experts' outputs reach the gate through stop_gradient: the experts are frozen
+    "routing": the router's `routers.Routing` (its unit says how to read the weights).
+  The experts' outputs reach the router through stop_gradient: the experts are frozen
   while the gate trains, so no gradient is computed through them.
   """
 
@@ -90,31 +92,38 @@ class MixtureOfExperts(nnx.Module):
                gate: str = "simple", fusion_conv: bool = False, gate_hidden: int = 128,
                rngs: nnx.Rngs):
     if image_size[0] % 16 or image_size[1] % 16:
-      raise ValueError(f"config key data.image_size={tuple(image_size)} must be multiples of "
+      raise ConfigError(f"config key data.image_size={tuple(image_size)} must be multiples of "
                        "16 (the backbone's output stride).")
     self.experts = experts
     k = experts.num
-    feature_hw = (image_size[0] // 16, image_size[1] // 16)
-    in_ch = k * experts.members.aspp_channels
-    if gate == "simple":
-      self.gate = SimpleGate(in_ch, feature_hw, k, hidden=gate_hidden, rngs=rngs)
-    elif gate == "classwise":
-      self.gate = ClasswiseGate(in_ch, feature_hw, k, num_classes, hidden=gate_hidden, rngs=rngs)
-    else:
-      raise ValueError(f"unknown gate {gate!r} (config key model.gates); use 'simple' or "
-                       "'classwise'.")
+    self.gate = routers.make(gate, routers.RouterArgs(
+        in_ch=k * experts.members.aspp_channels,
+        feature_hw=(image_size[0] // 16, image_size[1] // 16), num_experts=k,
+        num_classes=num_classes, hidden=gate_hidden), rngs=rngs)
     self.fusion_conv = conv(num_classes, num_classes, 3, rngs=rngs) if fusion_conv else None
 
-  def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-    return self.combine(*jax.lax.stop_gradient(self.experts(images)))
+  def __call__(self, images: jax.Array, key: jax.Array | None = None) -> dict:
+    return self.combine(*jax.lax.stop_gradient(self.experts(images)), key=key)
 
-  def combine(self, expert_logits: jax.Array, aspp: jax.Array) -> dict[str, jax.Array]:
-    """The gate and the fusion on the experts' outputs (logits [K,B,H,W,C], aspp
+  def combine(self, expert_logits: jax.Array, aspp: jax.Array,
+              key: jax.Array | None = None) -> dict:
+    """The router and the fusion on the experts' outputs (logits [K,B,H,W,C], aspp
     [K,B,H/16,W/16,A]), however they were computed; returns what `__call__` does."""
     k, b, h, w, a = aspp.shape
     features = aspp.transpose(1, 2, 3, 0, 4).reshape(b, h, w, k * a)  # expert-major channels
-    weights = self.gate(features)
-    logits = fuse(expert_logits, weights)
+    routing = self.gate(features, output_size=expert_logits.shape[2:4], key=key)
+    samples = routers.fuse(expert_logits, routing)  # [R, B, H, W, C]
     if self.fusion_conv is not None:
-      logits = self.fusion_conv(logits)
-    return {"logits": logits, "expert_logits": expert_logits, "gate_weights": weights}
+      samples = self.fusion_conv(samples.reshape(-1, *samples.shape[2:])).reshape(
+          samples.shape)
+    return {"logits": mean_of_samples(samples), "expert_logits": expert_logits,
+            "routing": routing}
+
+
+def mean_of_samples(sample_logits: jax.Array) -> jax.Array:
+  """Logits [R, ...] of R routing samples -> logits [...] of the mean of their softmaxes
+  (log of the mean; R = 1 gives the sample's own logits)."""
+  if sample_logits.shape[0] == 1:
+    return sample_logits[0]
+  log_probs = jax.nn.log_softmax(sample_logits.astype(jnp.float32), axis=-1)
+  return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(sample_logits.shape[0])

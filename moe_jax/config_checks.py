@@ -1,0 +1,97 @@
+"""The config, checked once before any work (`validate`), and which keys may change
+between runs of one workdir.
+
+Every key a later stage reads is checked here, so that a bad value stops the run in its
+first second, not after hours of training. A bad value raises `ConfigError`, one line
+naming the key and the fix; `python -m moe_jax.main` prints it as `error: ...` (it
+catches the type, not the message). Values that depend on the data (a batch larger than a
+split) are checked when the data is read.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Keys that may change between runs in one workdir: they do not change what was trained.
+MUTABLE_CONFIG_KEYS = ("eval.", "train.log_every", "train.keep_checkpoints",
+                       "train.nonfinite", "model.deep_ensemble_members",
+                       "train.deep_ensemble.")
+# Keys added after workdirs existed, with the value that means "as before": a workdir whose
+# config.json lacks one of them matches a config holding that value.
+ADDED_CONFIG_KEYS = {"model.backbone_weights": ""}
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
+NONFINITE = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+  """A config value no stage accepts. The message is one line naming the key and the fix."""
+
+
+def positive_int(value, key: str, *, allow_zero: bool = False) -> int:
+  """`value` if it is an int > 0 (or >= 0 with allow_zero), else ConfigError naming `key`."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+    raise ConfigError(f"config key {key}={value!r} must be a "
+                      f"{'non-negative' if allow_zero else 'positive'} integer.")
+  return value
+
+
+def one_of(value, choices, key: str):
+  """`value` if it is one of `choices`, else ConfigError naming `key` and the choices."""
+  if value not in choices:
+    *rest, last = map(repr, choices)
+    raise ConfigError(f"config key {key}={value!r}; use {', '.join(rest)}"
+                      f"{' or ' if rest else ''}{last}.")
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every key the stages read (see the module docstring).
+
+  Raises:
+    ConfigError: the first bad value. data_pipelines.DataError: an unknown data.name.
+  """
+  from data_pipelines import registry
+  from moe_jax import evaluate, methods, stages
+  from moe_jax.models import backbone, moe, routers
+
+  registry.get(config.data.name)
+  size = tuple(config.data.image_size)
+  if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
+    raise ConfigError(f"config key data.image_size={size!r} must be two positive ints "
+                      "(height, width), e.g. --config.data.image_size='(96,160)'.")
+  if size[0] % 16 or size[1] % 16:
+    raise ConfigError(f"config key data.image_size={size!r} must be multiples of 16 (the "
+                      "backbone's output stride), e.g. --config.data.image_size='(96,160)'.")
+  one_of(config.model.backbone, tuple(backbone.DEPTHS), "model.backbone")
+  one_of(config.model.expert_execution, moe.EXECUTIONS, "model.expert_execution")
+  gates = tuple(config.model.gates)
+  if not gates or len(set(gates)) != len(gates) or not set(gates) <= set(routers.ROUTERS):
+    raise ConfigError(f"config key model.gates={gates!r} must name distinct gate types "
+                      f"from the routers {tuple(routers.ROUTERS)}, e.g. --config.model.gates='(\"simple\",)'.")
+  positive_int(config.model.deep_ensemble_members, "model.deep_ensemble_members",
+               allow_zero=True)
+  one_of(config.train.nonfinite, NONFINITE, "train.nonfinite")
+  positive_int(config.train.keep_checkpoints, "train.keep_checkpoints")
+  positive_int(config.train.log_every, "train.log_every")
+  for name, stage in stages.STAGES.items():
+    if not stage.checkpoints(config):
+      continue
+    section = config.train[name]
+    for key in ("batch_size", "epochs", "eval_every_epochs"):
+      positive_int(section[key], f"train.{name}.{key}")
+    one_of(section.optimizer.name, OPTIMIZERS, f"train.{name}.optimizer.name")
+    one_of(section.optimizer.schedule, SCHEDULES, f"train.{name}.optimizer.schedule")
+  positive_int(config.eval.batch_size, "eval.batch_size")
+  passes = tuple(config.eval.mc_dropout_passes)
+  for t in passes:
+    positive_int(t, "eval.mc_dropout_passes")
+  one_of(config.eval.moe_members, methods.MOE_MEMBERS, "eval.moe_members")
+  ood = tuple(config.eval.ood_splits)
+  if ood and (len(ood) != 2 or not set(ood) <= set(config.data.test_splits)):
+    raise ConfigError(f"config key eval.ood_splits={ood} must be two of "
+                      f"data.test_splits={tuple(config.data.test_splits)} (ID, OOD), or ().")
+  positive_int(config.eval.panel_images, "eval.panel_images", allow_zero=True)
+  positive_int(config.eval.patch_size, "eval.patch_size", allow_zero=True)
+  evaluate.corrupted_splits(config)

@@ -1,0 +1,99 @@
+"""The uncertainty measures, one table (`MEASURES`) read by methods, evaluate, plots, report
+and predict.
+
+Each measure has a name (its key in outputs, results.json and histograms.npz), a short
+label and a title for tables and plots, where it comes from, how its raw value is
+computed (nats, or probability units for EV), and the largest raw value, which maps it to
+[0, 1]:
+
+  name                 short  source    raw                                   maximum
+  predictive_entropy   PE     members   H(p̄)                                  log C
+  mutual_information   MI     members   H(p̄) − Σ_s w_s H(p_s)                 log C
+  expert_variance      EV     members   std_s of p_s at argmax p̄              0.5
+  gate_entropy         GE     routing   H(g) of the weights a pixel used      log K (1 if K = 1)
+
+"members" measures are computed from the sample set's running sums (`uncertainty.Moments`:
+experts, MC-dropout passes, ensemble members), "routing" ones from an MoE's `Routing` and
+the MoE's prediction. A new measure is one entry here (and its raw function, pure, in
+`moe_jax.uncertainty` or `moe_jax.models.routers`); every table, plot and statistic picks
+it up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax import uncertainty
+from moe_jax.models import routers
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+  """One uncertainty measure (see the module docstring).
+
+  Attributes:
+    short: label in tables and panels ("PE").
+    title: title of plots ("predictive entropy").
+    source: "members" (raw(moments: uncertainty.Moments) -> [...]) or "routing"
+      (raw(routing: routers.Routing, prediction int [B,H,W]) -> [B,H,W]).
+    raw: the raw value, as above.
+    maximum: (num_classes, num_experts) -> the largest raw value (a float32 scalar).
+  """
+  short: str
+  title: str
+  source: str
+  raw: Callable[..., jax.Array]
+  maximum: Callable[[int, int], jax.Array | float]
+
+
+MEASURES: dict[str, Measure] = {
+    "predictive_entropy": Measure("PE", "predictive entropy", "members",
+                                  uncertainty.predictive_entropy_of,
+                                  lambda c, k: jnp.log(c)),
+    "mutual_information": Measure("MI", "mutual information", "members",
+                                  uncertainty.mutual_information_of,
+                                  lambda c, k: jnp.log(c)),
+    "expert_variance": Measure("EV", "expert variance", "members",
+                               uncertainty.expert_variance_of,
+                               lambda c, k: uncertainty.EV_MAX),
+    "gate_entropy": Measure("GE", "gate entropy", "routing", routers.gate_entropy_map,
+                            lambda c, k: jnp.log(k) if k > 1 else 1.0),
+}
+NAMES = tuple(MEASURES)
+
+
+def of_source(source: str) -> tuple[str, ...]:
+  """The names of the measures computed from `source` ("members" or "routing")."""
+  return tuple(name for name, m in MEASURES.items() if m.source == source)
+
+
+def normalise(name: str, raw: jax.Array, num_classes: int, num_experts: int = 1) -> jax.Array:
+  """Raw measure `name` -> [0, 1]: ÷ its maximum, clipped (rounding only)."""
+  return jnp.clip(raw / MEASURES[name].maximum(num_classes, num_experts), 0.0, 1.0)
+
+
+def members_maps(moments: uncertainty.Moments, names: tuple[str, ...] | None = None
+                 ) -> dict[str, jax.Array]:
+  """Normalised maps [...] of the "members" measures (default: all) of a sample set."""
+  num_classes = moments.reference.shape[-1]
+  return {name: normalise(name, MEASURES[name].raw(moments), num_classes)
+          for name in (of_source("members") if names is None else names)}
+
+
+def routing_maps(routing: routers.Routing, prediction: jax.Array, num_classes: int,
+                 num_experts: int) -> dict[str, jax.Array]:
+  """Normalised maps [B, H, W] of the "routing" measures of an MoE's routing."""
+  return {name: normalise(name, MEASURES[name].raw(routing, prediction), num_classes,
+                          num_experts)
+          for name in of_source("routing")}
+
+
+def normalised(raw: dict[str, jax.Array], num_classes: int,
+               num_experts: int = 1) -> dict[str, jax.Array]:
+  """Every measure of a dict of raw maps -> [0, 1]; other keys pass through."""
+  return {key: normalise(key, value, num_classes, num_experts) if key in MEASURES else value
+          for key, value in raw.items()}

@@ -1,0 +1,235 @@
+"""The trained stages, one table (`STAGES`) that train, evaluate, predict and main read.
+
+Each entry describes a stage once: the checkpoints it writes (the gate stage writes one
+per router in model.gates), the model each of them holds, the data it trains on, its loss,
+which parameters train, how it is validated, how `evaluate` runs it and what `predict`
+returns for it. The order of `STAGES` is the order the pipeline runs them in.
+
+  stage          checkpoints            model                    trains on
+  experts        experts                K stacked experts        expert k: its domain
+  baseline       baseline               one DeepLabv3+           data.train_split
+  deep_ensemble  deep_ensemble          M stacked models         data.train_split, M seeds
+  gate           gate_<router>, ...     the MoE, experts frozen  data.train_split
+
+A new stage is one entry here plus its functions; `python -m moe_jax.main` runs it between
+its neighbours, `evaluate` evaluates it when it has an `evaluation`, and
+`moe_jax.restore(workdir, stage=...)` restores it when it has a `predictor`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Callable
+
+from flax import nnx
+import ml_collections
+
+from moe_jax import checkpoint, losses, methods
+from moe_jax.models import build
+
+Config = ml_collections.ConfigDict
+# (model, images float32 [B,h,w,3], key) -> {"member_logits" [S,B,h,w,C], and for an MoE
+# "logits" [B,h,w,C] and "routing"}: what `moe_jax.predict` needs of a restored model.
+Members = Callable[..., dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One trained stage (see the module docstring).
+
+  Attributes:
+    checkpoints: config -> the checkpoint names it writes, in training order (() when the
+      config turns the stage off).
+    model: (config, checkpoint name) -> the model that checkpoint holds, freshly built
+      (the restore target; training starts from it unless `training_model` is given).
+    loss: (model, batch) -> scalar; a module-level function (static under jit).
+    train_splits: config -> the split each member trains on (one for a plain model).
+    stacked: the model has a leading member axis; member k takes batches of
+      train_splits[k], stacked to [K, B, ...].
+    validation: (config, checkpoint name) -> (model -> validation mIoU).
+    training_model: (config, workdir, checkpoint name) -> the model training starts from
+      (the gate: the trained experts around a fresh router); default `model`.
+    trains: the nnx filter of the parameters that train.
+    train_mode: False keeps the whole model in eval mode while training (frozen experts).
+    pretrained_backbone: model.backbone_weights initialises its backbone(s).
+    evaluation: config -> (output function over the models of all its checkpoints, in
+      order (one model, or a tuple for several), {output key: method name}); None: not
+      evaluated on its own.
+    predictor: (config, checkpoint name, MC-dropout passes) -> (method name, Members).
+    off_reason: what turns the stage off (printed when `checkpoints` is empty).
+  """
+  checkpoints: Callable[[Config], tuple[str, ...]]
+  model: Callable[[Config, str], nnx.Module]
+  loss: Callable
+  train_splits: Callable[[Config], list[str]]
+  stacked: bool
+  validation: Callable[[Config, str], Callable[[nnx.Module], float]]
+  training_model: Callable[[Config, Path, str], nnx.Module] | None = None
+  trains: object = nnx.Param
+  train_mode: bool = True
+  pretrained_backbone: bool = False
+  evaluation: Callable[[Config], tuple[Callable, dict[str, str]]] | None = None
+  predictor: Callable[[Config, str, int], tuple[str, Members]] | None = None
+  off_reason: str = ""
+
+
+# ------------------------------------------------------------------------------ experts
+
+def _expert_names(config: Config) -> list[str]:
+  from moe_jax import input_pipeline
+  return input_pipeline.expert_names(config.data)
+
+
+def _expert_splits(config: Config, part: str) -> list[str]:
+  from moe_jax import input_pipeline
+  return [input_pipeline.expert_split(config.data, name, part)
+          for name in _expert_names(config)]
+
+
+def _experts_model(config: Config, name: str) -> nnx.Module:
+  del name
+  return build.experts(config, len(_expert_names(config)))
+
+
+def _stacked_members(members, x, key):
+  del key
+  return {"member_logits": members(x)[0]}
+
+
+# ----------------------------------------------------------------------------- baseline
+
+def _baseline_evaluation(config: Config) -> tuple[Callable, dict[str, str]]:
+  passes = tuple(config.eval.mc_dropout_passes)
+  return (methods.single_and_mc_dropout_with(passes),
+          {"model": "baseline", **{f"mc_dropout_{t}": f"mc_dropout_{t}" for t in passes}})
+
+
+@functools.cache
+def _mc_dropout_members(passes: int) -> Members:
+  def members(model, x, key):
+    return {"member_logits": methods.mc_dropout_logits(model, x, key, passes)}
+  return members
+
+
+# -------------------------------------------------------------------------------- gates
+
+def gate_checkpoint(gate: str) -> str:
+  """The checkpoint name of the MoE with router `gate`: "gate_simple", "gate_classwise"."""
+  return f"gate_{gate}"
+
+
+def _gate_of(name: str) -> str:
+  return name.removeprefix("gate_")
+
+
+def _gate_model(config: Config, name: str) -> nnx.Module:
+  return build.mixture(config, _experts_model(config, "experts"), _gate_of(name))
+
+
+def _gate_training_model(config: Config, workdir: Path, name: str) -> nnx.Module:
+  """The MoE around the experts stage's best checkpoint (its router freshly initialised)."""
+  experts, _ = checkpoint.restore_model(workdir, "experts",
+                                        lambda: _experts_model(config, "experts"))
+  return build.mixture(config, experts, _gate_of(name))
+
+
+def _gates_evaluation(config: Config) -> tuple[Callable, dict[str, str]]:
+  """Every router's MoE in one call (the frozen experts run once and also give the
+  experts and their uniform ensemble)."""
+  gates = tuple(config.model.gates)
+  return (methods.mixtures_with(config.eval.moe_members),
+          {"ensemble": "ensemble",
+           **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(_expert_names(config))},
+           **{f"moe_{i}": f"moe_{gate}" for i, gate in enumerate(gates)}})
+
+
+def _moe_members(moe, x, key):
+  out = moe(x, key)
+  return {"member_logits": out["expert_logits"], "logits": out["logits"],
+          "routing": out["routing"]}
+
+
+def _validation(outputs: Callable, method: str):
+  def make(config: Config, name: str) -> Callable[[nnx.Module], float]:
+    del name
+    from moe_jax import train
+    return train.validation(config, outputs, method)
+  return make
+
+
+def _stacked_validation(val_splits: Callable[[Config], list[str]]):
+  def make(config: Config, name: str) -> Callable[[nnx.Module], float]:
+    del name
+    from moe_jax import train
+    return train.stacked_validation(config, val_splits(config))
+  return make
+
+
+# Parameters the gate stage trains; everything else in the MoE (the experts) is frozen.
+GATE_PARAMS = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("gate"),
+                                         nnx.PathContains("fusion_conv")))
+
+
+STAGES: dict[str, Stage] = {
+    "experts": Stage(
+        checkpoints=lambda config: ("experts",),
+        model=_experts_model,
+        loss=losses.expert_loss,
+        train_splits=lambda config: _expert_splits(config, "train"),
+        stacked=True,
+        validation=_stacked_validation(lambda config: _expert_splits(config, "val")),
+        pretrained_backbone=True,
+        predictor=lambda config, name, passes: ("ensemble", _stacked_members)),
+    "baseline": Stage(
+        checkpoints=lambda config: ("baseline",),
+        model=lambda config, name: build.baseline(config),
+        loss=losses.single_loss,
+        train_splits=lambda config: [config.data.train_split],
+        stacked=False,
+        validation=_validation(methods.single, "model"),
+        pretrained_backbone=True,
+        evaluation=_baseline_evaluation,
+        predictor=lambda config, name, passes: (f"mc_dropout_{passes}",
+                                                _mc_dropout_members(passes))),
+    "deep_ensemble": Stage(
+        checkpoints=lambda config: ("deep_ensemble",) if config.model.deep_ensemble_members
+        else (),
+        model=lambda config, name: build.deep_ensemble(config),
+        loss=losses.expert_loss,
+        train_splits=lambda config: ([config.data.train_split]
+                                     * config.model.deep_ensemble_members),
+        stacked=True,
+        validation=_stacked_validation(
+            lambda config: [config.data.val_split] * config.model.deep_ensemble_members),
+        pretrained_backbone=True,
+        evaluation=lambda config: (methods.deep_ensemble, {"deep_ensemble": "deep_ensemble"}),
+        predictor=lambda config, name, passes: ("deep_ensemble", _stacked_members),
+        off_reason="config key model.deep_ensemble_members=0"),
+    "gate": Stage(
+        checkpoints=lambda config: tuple(gate_checkpoint(g) for g in config.model.gates),
+        model=_gate_model,
+        training_model=_gate_training_model,
+        loss=losses.mixture_loss,
+        train_splits=lambda config: [config.data.train_split],
+        stacked=False,
+        validation=_validation(methods.mixture_with("weighted", experts=False), "moe"),
+        trains=GATE_PARAMS,
+        train_mode=False,
+        evaluation=_gates_evaluation,
+        predictor=lambda config, name, passes: (f"moe_{_gate_of(name)}", _moe_members)),
+}
+
+
+def stage_of(config: Config, name: str) -> tuple[str, Stage]:
+  """(stage name, Stage) of the checkpoint `name` in this config; KeyError if none."""
+  for stage_name, stage in STAGES.items():
+    if name in stage.checkpoints(config):
+      return stage_name, stage
+  raise KeyError(name)
+
+
+def all_checkpoints(config: Config) -> list[str]:
+  """Every checkpoint the config's stages write, in training order."""
+  return [name for stage in STAGES.values() for name in stage.checkpoints(config)]
