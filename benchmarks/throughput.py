@@ -49,7 +49,7 @@ _CACHE = flags.DEFINE_string("cache", str(Path(tempfile.gettempdir()) / "moe_jax
                              "Generated frames and shards for the input-pipeline row.")
 flags.mark_flags_as_required(["config"])
 
-MAPS = ("prediction",) + measures.NAMES
+MAPS = ("prediction", *measures.MEASURES)
 
 
 @dataclasses.dataclass

@@ -55,7 +55,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.backbone = "resnet101"       # resnet18 | resnet34 | resnet50 | resnet101
   config.model.width = 1.0                  # channel multiplier of the backbone
   # torchvision ResNet ImageNet weights (.pth or .safetensors) the experts, the baseline and
-  # the deep ensemble start from ("" = random init); see the README for where to get them.
+  # the deep ensemble start from ("" = random init); docs/backbone_weights.md says where to
+  # get them.
   config.model.backbone_weights = ""
   config.model.aspp_channels = 256
   config.model.aspp_dropout = 0.1           # the reference's (and MC dropout's) dropout site
@@ -86,6 +87,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 4
   config.eval.moe_members = "weighted"      # MoE sample set: weighted | uniform | stacked
+  # The MoE's expert variance at argmax p̄ of its sample set ("sample") or at its fused
+  # prediction ("fused", the reference code's choice).
+  config.eval.ev_at = "sample"
   config.eval.mc_dropout_passes = (2, 10, 20)  # one mc_dropout_<T> method per T
   config.eval.ood_splits = ("all_test", "ambiguous_test")  # (in-distribution, OOD)
   # ImageNet-C corruptions of eval.corruption_split, at every severity in eval.severities:

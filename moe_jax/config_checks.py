@@ -46,6 +46,18 @@ def one_of(value, choices, key: str):
   return value
 
 
+def image_size(size) -> tuple[int, int]:
+  """data.image_size as (H, W) if both are positive multiples of 16, else ConfigError."""
+  size = tuple(size)
+  if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
+    raise ConfigError(f"config key data.image_size={size!r} must be two positive ints "
+                      "(height, width), e.g. --config.data.image_size='(96,160)'.")
+  if size[0] % 16 or size[1] % 16:
+    raise ConfigError(f"config key data.image_size={size!r} must be multiples of 16 (the "
+                      "backbone's output stride), e.g. --config.data.image_size='(96,160)'.")
+  return size
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every key the stages read (see the module docstring).
 
@@ -57,19 +69,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from moe_jax.models import backbone, moe, routers
 
   registry.get(config.data.name)
-  size = tuple(config.data.image_size)
-  if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
-    raise ConfigError(f"config key data.image_size={size!r} must be two positive ints "
-                      "(height, width), e.g. --config.data.image_size='(96,160)'.")
-  if size[0] % 16 or size[1] % 16:
-    raise ConfigError(f"config key data.image_size={size!r} must be multiples of 16 (the "
-                      "backbone's output stride), e.g. --config.data.image_size='(96,160)'.")
+  image_size(config.data.image_size)
   one_of(config.model.backbone, tuple(backbone.DEPTHS), "model.backbone")
   one_of(config.model.expert_execution, moe.EXECUTIONS, "model.expert_execution")
   gates = tuple(config.model.gates)
   if not gates or len(set(gates)) != len(gates) or not set(gates) <= set(routers.ROUTERS):
     raise ConfigError(f"config key model.gates={gates!r} must name distinct gate types "
-                      f"from the routers {tuple(routers.ROUTERS)}, e.g. --config.model.gates='(\"simple\",)'.")
+                      f"from the routers {tuple(routers.ROUTERS)}, e.g. "
+                      "--config.model.gates='(\"simple\",)'.")
   positive_int(config.model.deep_ensemble_members, "model.deep_ensemble_members",
                allow_zero=True)
   one_of(config.train.nonfinite, NONFINITE, "train.nonfinite")
@@ -88,6 +95,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for t in passes:
     positive_int(t, "eval.mc_dropout_passes")
   one_of(config.eval.moe_members, methods.MOE_MEMBERS, "eval.moe_members")
+  one_of(config.eval.ev_at, methods.EV_AT, "eval.ev_at")
   ood = tuple(config.eval.ood_splits)
   if ood and (len(ood) != 2 or not set(ood) <= set(config.data.test_splits)):
     raise ConfigError(f"config key eval.ood_splits={ood} must be two of "

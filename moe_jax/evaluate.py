@@ -45,7 +45,7 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
   correct = output["prediction"] == labels
   probs = output["probs"]
   fine = metrics.FINE_CALIBRATION_BINS
-  for measure in measures.NAMES:
+  for measure in measures.MEASURES:
     if measure in output:
       u = output[measure]
       stats[f"histogram/{measure}"] = metrics.uncertainty_histogram(u, correct, valid)
@@ -97,9 +97,6 @@ def _gate_statistics(routing: routers.Routing, valid: jax.Array) -> dict[str, ja
           "gate_sum": jnp.sum(jnp.where(unit_valid[:, None], weights, 0.0), axis=0)}
 
 
-PANEL_MAPS = ("prediction",) + measures.NAMES
-
-
 @nnx.jit(static_argnums=(0, 4, 5, 6, 7))
 def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.Array],
                      key: jax.Array, num_classes: int, uncertainty: bool, panel_images: int = 0,
@@ -110,14 +107,15 @@ def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.
   patch_size > 0 adds the patch-based histograms of patch_size² pixel patches.
 
   panels: {method: {map: [panel_images, H, W]}} for the prediction and the uncertainty
-  maps of each MoE method (those with gate weights), from the batch's first images.
+  maps of each MoE method (those with a routing), from the batch's first images.
   """
   images = batch["image"].astype(jnp.float32) / 255.0
   labels = batch["label"].astype(jnp.int32)
   out = outputs(model, images, key)
   stats = {method: _method_statistics(output, labels, num_classes, uncertainty, patch_size)
            for method, output in out.items()}
-  panels = {method: {name: output[name][:panel_images] for name in PANEL_MAPS if name in output}
+  panels = {method: {name: output[name][:panel_images]
+                     for name in ("prediction", *measures.MEASURES) if name in output}
             for method, output in out.items() if panel_images and "routing" in output}
   return stats, panels
 
@@ -220,7 +218,7 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
   entry["nll"] = nll / pixels if pixels else float("nan")
   entry["calibration"] = {"max_softmax": _calibration(stats["calibration/max_softmax"])}
   entry["uncertainty"] = {}
-  for measure in measures.NAMES:
+  for measure in measures.MEASURES:
     if f"histogram/{measure}" not in stats:
       continue
     histogram, detection = stats[f"histogram/{measure}"], stats[f"detection/{measure}"]
@@ -246,7 +244,7 @@ def ood_detection(in_stats: dict[str, np.ndarray], out_stats: dict[str, np.ndarr
   {"auroc", "fpr_at_95_tpr"} from the two splits' detection histograms (correct +
   incorrect)."""
   result = {}
-  for measure in measures.NAMES:
+  for measure in measures.MEASURES:
     key = f"detection/{measure}"
     if key in in_stats and key in out_stats:
       negatives, positives = in_stats[key].sum(0), out_stats[key].sum(0)
@@ -384,7 +382,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   Returns:
     {"splits": {split: {method: summary}}, "ood": {method: {measure: ...}},
      "thresholds": [T], "checkpoints": {stage: meta}, "class_names": [...],
-     "experts": [...], "gates": [...], "moe_members", "ood_splits", "corruptions"}.
+     "experts": [...], "gates": [...], "routing_units", "moe_members", "ev_at", "ood_splits",
+     "corruptions"}.
   """
   start = time.perf_counter()
   ood_splits = list(config.eval.ood_splits)  # checked by config_checks.validate
@@ -399,7 +398,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
              "gates": list(config.model.gates),
              "routing_units": {f"moe_{gate}": routers.get(gate).unit
                                for gate in config.model.gates},
-             "moe_members": config.eval.moe_members, "ood_splits": ood_splits,
+             "moe_members": config.eval.moe_members, "ev_at": config.eval.ev_at,
+             "ood_splits": ood_splits,
              "corruptions": {"split": config.eval.corruption_split,
                              "names": list(config.eval.corruptions) if corrupted else [],
                              "severities": list(config.eval.severities) if corrupted else [],

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import IGNORE_LABEL, DataError, corruptions, registry
+from moe_jax import config_checks
 
 
 def resolve_paths(data: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
@@ -35,16 +36,11 @@ def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
     {split name: number of frames} for the splits the pipeline uses.
 
   Raises:
-    DataError: with one line naming the path or key and the fix.
+    DataError: with one line naming the path or key and the fix (ConfigError: a bad
+      data.image_size).
   """
   entry = registry.get(data.name)
-  size = tuple(data.image_size)
-  if len(size) != 2 or not all(isinstance(n, int) and n > 0 for n in size):
-    raise DataError(f"config key data.image_size={size!r} must be two positive ints "
-                    "(height, width), e.g. --config.data.image_size='(96,160)'.")
-  if size[0] % 16 or size[1] % 16:
-    raise DataError(f"config key data.image_size={size!r} must be multiples of 16 (the "
-                    "backbone's output stride), e.g. --config.data.image_size='(96,160)'.")
+  config_checks.image_size(data.image_size)
   if not data.data_dir:
     raise DataError(f"config key data.data_dir is empty; set --config.data.data_dir=/path/to/"
                     f"{data.name}, or run the demo with --config configs/a2d2.py:synthetic.")

@@ -14,6 +14,8 @@ A finished stage is skipped on a rerun; an interrupted one resumes from its chec
 
 import functools
 import json
+import os
+import platform
 import sys
 import time
 
@@ -58,7 +60,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: bad command line: {message}")
 
 
+# XLA compiles CPU code for the host's instruction set, and its wider vectors sum in another
+# order: the same 1M-float sum differs between AVX and AVX2 code on one machine
+# (docs/measured_facts.md), and a whole training run drifts by points of mIoU. The CLI
+# targets AVX2 on x86 unless XLA_FLAGS names an ISA, so that machines with AVX-512 compute
+# what AVX2 machines do. Read by XLA when its CPU client starts, after this runs.
+CPU_ISA = "AVX2"
+
+
+def pin_cpu_isa() -> None:
+  """Appends --xla_cpu_max_isa=CPU_ISA to XLA_FLAGS on x86-64 (unless one is set)."""
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  if platform.machine() in ("x86_64", "AMD64") and "xla_cpu_max_isa" not in flags_now:
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_cpu_max_isa={CPU_ISA}".strip()
+
+
 def main(argv) -> None:
+  pin_cpu_isa()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   unknown = [s for s in _STAGES.value if s not in STAGES]

@@ -63,7 +63,6 @@ MEASURES: dict[str, Measure] = {
     "gate_entropy": Measure("GE", "gate entropy", "routing", routers.gate_entropy_map,
                             lambda c, k: jnp.log(k) if k > 1 else 1.0),
 }
-NAMES = tuple(MEASURES)
 
 
 def of_source(source: str) -> tuple[str, ...]:

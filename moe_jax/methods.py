@@ -29,6 +29,9 @@ from moe_jax.models import routers
 # The reference's MoE sample sets: gate-weighted experts, experts only (uniform), and the
 # MoE output stacked with the experts (uniform over K + 1).
 MOE_MEMBERS = ("weighted", "uniform", "stacked")
+# Where the MoE's expert variance is taken: at argmax p̄ of its sample set ("sample", as for
+# every other method), or at the MoE's fused prediction ("fused", as the reference code).
+EV_AT = ("sample", "fused")
 
 Output = dict[str, jax.Array | routers.Routing]
 
@@ -87,24 +90,29 @@ def mixture(moe: nnx.Module, images: jax.Array, key: jax.Array, *,
   return mixture_outputs(moe(images, key), members=members, experts=experts)
 
 
-def mixture_outputs(out: dict, *, members: str = "weighted",
+def mixture_outputs(out: dict, *, members: str = "weighted", ev_at: str = "sample",
                     experts: bool = True) -> dict[str, Output]:
   """`mixture` from the MoE's forward output ({"logits", "expert_logits", "routing"}, see
-  `MixtureOfExperts`), however it was computed."""
+  `MixtureOfExperts`), however it was computed. `ev_at`: see EV_AT."""
   expert_probs = uncertainty.probabilities(out["expert_logits"])  # [K,B,H,W,C]
   fused = single_output(out["logits"])
   ensemble = members_output(expert_probs)  # the experts, uniform
   used = routers.at_prediction(out["routing"], fused["prediction"])
   if members == "weighted":
-    sample = members_output(expert_probs, routers.member_weights(used))
+    moments = uncertainty.moments(expert_probs, routers.member_weights(used))
   elif members == "uniform":
-    sample = ensemble
+    moments = uncertainty.moments(expert_probs)
   elif members == "stacked":
-    sample = members_output(jnp.concatenate([fused["probs"][None], expert_probs]))
+    moments = uncertainty.moments(jnp.concatenate([fused["probs"][None], expert_probs]))
   else:
     raise ConfigError(f"config key eval.moe_members={members!r}; use one of "
                       f"{', '.join(MOE_MEMBERS)}.")
   num_classes, num_experts = fused["probs"].shape[-1], expert_probs.shape[0]
+  sample = measures.members_maps(moments)
+  if ev_at == "fused":
+    sample["expert_variance"] = measures.normalise(
+        "expert_variance", uncertainty.expert_variance_of(moments, fused["prediction"]),
+        num_classes)
   outputs = {"moe": {**fused, **{name: sample[name] for name in measures.of_source("members")},
                      **measures.routing_maps(out["routing"], fused["prediction"], num_classes,
                                              num_experts),
@@ -118,7 +126,7 @@ def mixture_outputs(out: dict, *, members: str = "weighted",
 
 
 def mixtures(moes: tuple[nnx.Module, ...], images: jax.Array, key: jax.Array, *,
-             members: str = "weighted") -> dict[str, Output]:
+             members: str = "weighted", ev_at: str = "sample") -> dict[str, Output]:
   """Several MoEs around the same frozen experts (one per gate type) in one call, the
   experts run once: {"moe_0", "moe_1", ..., "ensemble", "expert_0", ...} ("moe_<i>" is
   `mixture`'s "moe" for moes[i]; the experts' outputs are moes[0]'s)."""
@@ -126,17 +134,17 @@ def mixtures(moes: tuple[nnx.Module, ...], images: jax.Array, key: jax.Array, *,
   outputs = {}
   for i, moe in enumerate(moes):
     out = mixture_outputs(moe.combine(expert_logits, aspp, key=key), members=members,
-                          experts=i == 0)
+                          ev_at=ev_at, experts=i == 0)
     outputs[f"moe_{i}"] = out.pop("moe")
     outputs.update(out)
   return outputs
 
 
 @functools.cache
-def mixtures_with(members: str):
+def mixtures_with(members: str, ev_at: str = "sample"):
   """`mixtures` with fixed options, the same object for the same options (see
   `mixture_with`)."""
-  return functools.partial(mixtures, members=members)
+  return functools.partial(mixtures, members=members, ev_at=ev_at)
 
 
 @functools.cache

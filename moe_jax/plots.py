@@ -441,7 +441,8 @@ def panel(results: dict, panels: Arrays, method: str, split: str, path: Path) ->
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-  for ax, title in zip(axes[0], ["image", "label", "prediction", *(MEASURES[m].short for m in maps)]):
+  titles = ["image", "label", "prediction", *(MEASURES[m].short for m in maps)]
+  for ax, title in zip(axes[0], titles):
     ax.set_title(title)
   if maps:
     fig.colorbar(shown, ax=axes[:, 3:], shrink=0.9, label="normalised uncertainty")

@@ -69,8 +69,8 @@ def claims(results: dict, in_split: str | None, ood_split: str | None) -> list[s
         ens = _area(split["ensemble"]["uncertainty"][measure]["pavpu"])
         if ours is not None and ens is not None:
           better = "higher" if ours > ens else "lower" if ours < ens else "equal"
-          verdicts.append(f"`{moe}` {MEASURES[measure].short} {_pct(ours)} vs ensemble {_pct(ens)} "
-                          f"({better})")
+          verdicts.append(f"`{moe}` {MEASURES[measure].short} {_pct(ours)} vs ensemble "
+                          f"{_pct(ens)} ({better})")
     lines += [f"1. **MoE vs ensemble under OOD** (`{ood_split}`, PAvPU averaged over the "
               f"threshold sweep, %): " + "; ".join(verdicts) + "."]
   else:
@@ -158,8 +158,8 @@ def write(workdir: str | Path) -> Path:
         rows.append([method, _pct(softmax["ece"]), _pct(softmax["adaptive_ece"])] +
                     [_pct(entry["uncertainty"].get(m, {}).get("ece")) for m in MEASURES] +
                     [f"{entry['brier']:.3f}", f"{entry['nll']:.3f}"])
-    lines += _table(["method", "max softmax", "max softmax (adaptive)"] + [m.short for m in MEASURES.values()] +
-                    ["Brier", "NLL"], rows)
+    lines += _table(["method", "max softmax", "max softmax (adaptive)"]
+                    + [m.short for m in MEASURES.values()] + ["Brier", "NLL"], rows)
   if results["ood"]:
     lines += ["", f"## OOD detection: `{in_split}` vs `{ood_split}` pixels (AUROC %, FPR at "
               "95% TPR %)", ""]

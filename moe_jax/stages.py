@@ -139,7 +139,7 @@ def _gates_evaluation(config: Config) -> tuple[Callable, dict[str, str]]:
   """Every router's MoE in one call (the frozen experts run once and also give the
   experts and their uniform ensemble)."""
   gates = tuple(config.model.gates)
-  return (methods.mixtures_with(config.eval.moe_members),
+  return (methods.mixtures_with(config.eval.moe_members, config.eval.ev_at),
           {"ensemble": "ensemble",
            **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(_expert_names(config))},
            **{f"moe_{i}": f"moe_{gate}" for i, gate in enumerate(gates)}})

@@ -117,9 +117,11 @@ def prediction_of(m: Moments) -> jax.Array:
   return jnp.argmax(mean_probs(m), axis=-1)
 
 
-def expert_variance_of(m: Moments) -> jax.Array:
-  """EV = sqrt(Σ_s w_s (p_s[ĉ] − p̄[ĉ])²) at ĉ = argmax p̄, [...] in [0, 0.5]."""
-  at = lambda x: jnp.take_along_axis(x, prediction_of(m)[..., None], axis=-1)[..., 0]
+def expert_variance_of(m: Moments, at_class: jax.Array | None = None) -> jax.Array:
+  """EV = sqrt(Σ_s w_s (p_s[ĉ] − p̄[ĉ])²) at ĉ = argmax p̄ (or `at_class`, int [...]),
+  [...] in [0, 0.5]."""
+  c = prediction_of(m) if at_class is None else at_class
+  at = lambda x: jnp.take_along_axis(x, c[..., None], axis=-1)[..., 0]
   mean_shift = at(m.shift) / m.weight
   return jnp.sqrt(jnp.maximum(at(m.square) / m.weight - mean_shift ** 2, 0.0))
 

@@ -18,8 +18,10 @@ import pytest
 
 from data_pipelines import synthetic
 
-# As the CLI does: the "rbg" PRNG compiles parameter initialisation ~4x faster than the
-# default threefry on XLA CPU (measured: ResNet-18 DeepLab x4 experts, 17 s -> 4 s).
+# Tests also build small models from plain nnx.Rngs(int): as the library does for its own
+# (moe_jax.models.build.key), use "rbg", which compiles parameter initialisation ~4x
+# faster than threefry on XLA CPU (ResNet-18 DeepLab x4 experts, 17 s -> 4 s). The library
+# never reads this default (tests/test_checkpoint.py saves under threefry and restores).
 jax.config.update("jax_default_prng_impl", "rbg")
 
 

@@ -512,3 +512,24 @@ def test_no_loader_in_the_package_can_unpickle():
         if unsafe in code:
           problems.append(f"{where}: {unsafe}")
   assert not problems, problems
+
+
+def test_a_checkpoint_saved_through_the_library_restores_whatever_the_default_prng(tmp_path):
+  """The library makes its keys with its own PRNG (build.key), so a model built and saved
+  in a process whose default is threefry restores with `moe_jax.restore` anywhere."""
+  import runpy
+  import moe_jax
+  from moe_jax.models import build
+  config = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "configs" / "a2d2.py"))[
+      "get_config"]("smoke")
+  checkpoint.save_config(tmp_path, config.to_json_best_effort())
+  with jax.default_prng_impl("threefry2x32"):
+    baseline = build.baseline(config)
+    with StageCheckpoints(tmp_path, "baseline", save_every=1) as ckpt:
+      ckpt.save(0, {"model": nnx.state(baseline)}, finished=True)
+  predictor = moe_jax.restore(tmp_path, stage="baseline", passes=2)
+  out = predictor.predict(np.zeros((32, 48, 3), np.uint8), member_probs=False)
+  assert out["segmentation"].shape == (1, 32, 48)
+  restored = jax.tree.leaves(nnx.state(predictor._model, nnx.RngKey))
+  assert restored and all(jax.random.key_impl(k) == jax.random.key_impl(build.key(0))
+                          for k in restored)

@@ -90,6 +90,19 @@ def _fixed_moe_outputs(model, images, key):
                                   "routing": routers.Routing(g[None], g[None], unit="image")})
 
 
+def test_evaluation_compiles_its_step_once_never_per_batch():
+  rng = np.random.default_rng(0)
+  model = _FixedMoE(jnp.asarray(rng.normal(size=(2, 2, 4, 5, 3)), jnp.float32),
+                    jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)))
+  batches = [{"image": rng.integers(0, 255, (2, 4, 5, 3), np.uint8),
+              "label": rng.integers(0, 3, (2, 4, 5), np.uint8)} for _ in range(4)]
+  compiled = evaluate.batch_statistics.jitted_fn._cache_size
+  before = compiled()
+  totals = evaluate.accumulate(_fixed_moe_outputs, model, batches, 3, uncertainty=True)
+  assert compiled() - before == 1
+  assert int(totals["moe"]["confusion"].sum()) == 4 * 2 * 4 * 5
+
+
 def _numbers(tree):
   if isinstance(tree, dict):
     return [x for v in tree.values() for x in _numbers(v)]

@@ -98,15 +98,27 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages_and_reproduces_the_results(smoke_run, run_main):
+def test_rerun_skips_finished_stages(smoke_run, run_main):
   workdir, _, env = smoke_run
-  before = json.loads((workdir / "results.json").read_text())
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, workdir=workdir,
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
+                            "--stages=experts,baseline,deep_ensemble,gate", workdir=workdir,
                             env=env)
   assert code == 0, err[-3000:]
   for stage in TRAINED:
     assert f"{stage}: already finished" in out
-  assert json.loads((workdir / "results.json").read_text()) == before
+
+
+@pytest.mark.slow
+def test_the_same_command_in_a_fresh_workdir_gives_an_identical_results_json(
+    smoke_run, run_main, tmp_path):
+  """Determinism across processes: data, training and evaluation again from nothing (with
+  the first run's compilation cache) give results.json byte for byte."""
+  workdir, _, env = smoke_run
+  code, _, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
+                          workdir=tmp_path / "again", env=env)
+  assert code == 0, err[-3000:]
+  assert (tmp_path / "again" / "results.json").read_bytes() == \
+      (workdir / "results.json").read_bytes()
 
 
 @pytest.mark.slow
@@ -235,3 +247,55 @@ def test_colab_notebook_restores_the_run_and_draws_the_panel(smoke_run, tmp_path
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert "moe_classwise at (32, 48)" in text and "gate_entropy" in text
   assert any("image/png" in o.get("data", {}) for o in outputs)  # the panel was drawn
+
+
+# ------------------------------------------------ extending: a new router, end to end
+
+@pytest.mark.slow
+def test_a_router_registered_outside_the_package_trains_evaluates_and_predicts(smoke_run,
+                                                                                tmp_path):
+  """docs/architecture.md's worked example: a router written and registered in user code
+  (here) goes through the gate stage, evaluate and predict with no change to the package."""
+  import importlib.util
+  import shutil
+  import jax.numpy as jnp
+  from flax import nnx
+  import moe_jax
+  from moe_jax import evaluate, input_pipeline, train
+  from moe_jax.models import routers
+
+  @routers.register("mean_pool")
+  class MeanPoolRouter(nnx.Module):
+    """Per-image weights from the features' spatial mean, with a load-balancing loss."""
+    unit = "image"
+
+    def __init__(self, args: routers.RouterArgs, *, rngs: nnx.Rngs):
+      self.out = nnx.Linear(args.in_ch, args.num_experts, rngs=rngs)
+
+    def __call__(self, features, *, output_size, key=None):
+      routing = routers.deterministic(self.out(features.mean(axis=(1, 2))), self.unit)
+      load = routing.weights.mean(axis=(0, 1))  # [K]
+      return routing.replace(aux_losses={"balance": 0.1 * jnp.sum((load - 1 / load.size) ** 2)})
+
+  try:
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns("gate_*", "results.json"))
+    spec = importlib.util.spec_from_file_location("a2d2_config", "configs/a2d2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke")
+    config.model.gates = ("mean_pool",)
+    config.eval.corruptions = ()
+    input_pipeline.resolve_paths(config.data, workdir)
+    trained = train.run(config, workdir, "gate")
+    assert list(trained) == ["gate_mean_pool"] and trained["gate_mean_pool"]["finished"]
+    results = evaluate.run(config, workdir)
+    assert results["routing_units"] == {"moe_mean_pool": "image"}
+    entry = results["splits"]["ambiguous_test"]["moe_mean_pool"]
+    assert set(entry["uncertainty"]) == MEASURES
+    predictor = moe_jax.restore(workdir, stage="gate")
+    assert predictor.method == "moe_mean_pool"
+    out = predictor.predict(np.zeros((40, 50, 3), np.uint8))
+    assert out["gate_weights"].shape == (1, 2) and out["gate_entropy"].shape == (1, 40, 50)
+  finally:
+    del routers.ROUTERS["mean_pool"]

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import measures, methods, uncertainty
-from moe_jax.models import moe
+from moe_jax.models import moe, routers
 from moe_jax.models.deeplab import DeepLabV3Plus
 
 SMALL = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.125, aspp_channels=8,
@@ -55,7 +55,7 @@ def check_mixture_output(out, forward, gate, members):
   assert set(out) == {"moe", "ensemble", "expert_0", "expert_1", "expert_2"}
   moe_out = out["moe"]
   np.testing.assert_array_equal(moe_out["prediction"], jnp.argmax(forward["logits"], -1))
-  for measure in measures.NAMES:
+  for measure in measures.MEASURES:
     assert moe_out[measure].shape == (2, 32, 48), measure
     assert np.all((moe_out[measure] >= 0) & (moe_out[measure] <= 1)), measure
   probs = uncertainty.probabilities(forward["expert_logits"])
@@ -107,3 +107,26 @@ def test_mc_dropout_shared_encoder_equals_full_passes_and_passes_differ():
   for name in ("probs", *measures.of_source("members")):
     np.testing.assert_allclose(naive[name], out[name], atol=1e-5, err_msg=name)
   assert float(out["mutual_information"].max()) > 0
+
+
+def test_expert_variance_at_the_fused_prediction_as_the_reference_takes_it():
+  rng = np.random.default_rng(3)
+  z = jnp.asarray(rng.normal(size=(3, 2, 4, 5, 6)) * 2, jnp.float32)  # K=3, B=2, C=6
+  g = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3)), jnp.float32))  # [B, K]
+  out = {"logits": jnp.einsum("kbhwc,bk->bhwc", z, g), "expert_logits": z,
+         "routing": routers.Routing(g[None], g[None], unit="image")}
+  sample = methods.mixture_outputs(out, experts=False)["moe"]
+  fused = methods.mixture_outputs(out, ev_at="fused", experts=False)["moe"]
+  p = np.asarray(jax.nn.softmax(z), np.float64)  # [K,B,H,W,C]
+  w = np.asarray(g, np.float64).T[:, :, None, None]  # [K,B,1,1]
+  mean = (w[..., None] * p).sum(0)
+  c = np.asarray(fused["prediction"])  # argmax of the fused logits
+  at = np.take_along_axis(p, np.broadcast_to(c[None, ..., None], (3, *c.shape, 1)), -1)[..., 0]
+  ev = np.sqrt((w * (at - np.take_along_axis(mean, c[..., None], -1)[..., 0]) ** 2).sum(0))
+  np.testing.assert_allclose(fused["expert_variance"], ev / 0.5, atol=2e-6)
+  same = c == mean.argmax(-1)
+  assert 0 < same.mean() < 1  # the two choices differ where the predictions do
+  np.testing.assert_allclose(np.asarray(fused["expert_variance"])[same],
+                             np.asarray(sample["expert_variance"])[same], atol=1e-6)
+  for name in ("predictive_entropy", "mutual_information", "gate_entropy"):
+    np.testing.assert_array_equal(fused[name], sample[name])

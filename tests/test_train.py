@@ -122,7 +122,7 @@ class _Interrupted(Exception):
   pass
 
 
-def _fit_net(workdir, total_steps=6, interrupt_at=None):
+def _fit_net(workdir, total_steps=6, interrupt_at=None, loss_fn=_net_loss):
   """fit() on a tiny net; batch t is a function of t only, like the resumable streams."""
   model = _Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, total_steps), wrt=nnx.Param)
@@ -141,7 +141,7 @@ def _fit_net(workdir, total_steps=6, interrupt_at=None):
     validations.append(m.norm.use_running_average)
     return float(jnp.tanh(jnp.abs(m.linear.kernel.value).sum()) / 2)
 
-  best = train.fit("net", model=model, optimizer=optimizer, loss_fn=_net_loss,
+  best = train.fit("net", model=model, optimizer=optimizer, loss_fn=loss_fn,
                    batches=batches, total_steps=total_steps, eval_every=2, validate=validate,
                    workdir=workdir, keep=2, log_every=1, images_per_step=8)
   return model, best, validations
@@ -161,6 +161,22 @@ def test_fit_resumes_an_interrupted_stage_from_its_saved_step(tmp_path, capsys):
   # A finished stage is skipped on the next run and leaves the model as initialised.
   again, _, validations = _fit_net(tmp_path / "resumed")
   assert "already finished" in capsys.readouterr().out and validations == []
+
+
+def _counted_loss(model, batch):
+  """`_net_loss` as a function of its own, so that train_step's compilations with it can be
+  counted apart from the other tests'."""
+  return _net_loss(model, batch)
+
+
+def test_a_stage_compiles_its_train_step_once_never_per_batch(tmp_path):
+  compiled = train.train_step.jitted_fn._cache_size
+  before = compiled()
+  # 6 steps with a loss readout after each, 3 validations and 3 checkpoints between them.
+  _fit_net(tmp_path / "run", loss_fn=_counted_loss)
+  assert compiled() - before == 1
+  # (A resumed stage is a new process: it compiles once there. In one process, each fresh
+  # optax transformation is a new static argument and compiles again.)
 
 
 def _guarded_loss(model, batch):

@@ -1,13 +1,14 @@
-"""K DeepLabv3+ experts with stacked parameters, a gate, and logit fusion.
+"""K DeepLabv3+ experts with stacked parameters, a router, and logit fusion.
 
 The experts live as one module whose parameters carry a leading expert axis (created under
 `nnx.vmap`), so all K run in one compiled call. How that call executes is a measured choice
-(see the README's measured facts): "vmap" maps the expert axis (XLA batches/groups the convolutions), "unroll"
-slices the stacked parameters and runs the K experts one after another inside the same
-jit (on a 2-core CPU this was 2.6x faster). Both give the same numbers in eval mode. In
-train mode the dropout masks differ between the two under the "rbg" PRNG the CLI uses (its
-vmap rule draws member k's bits differently from a sliced call; members still get distinct
-masks); under the default threefry PRNG they are equal too.
+(see docs/measured_facts.md): "vmap" maps the expert axis (XLA batches/groups the
+convolutions), "unroll" slices the stacked parameters and runs the K experts one after
+another inside the same jit (on a 2-core CPU this was 2.6x faster). Both give the same
+numbers in eval mode. In train mode the dropout masks differ between the two under the
+"rbg" PRNG the library uses (its vmap rule draws member k's bits differently from a sliced
+call; members still get distinct masks); under the default threefry PRNG they are equal
+too.
 """
 
 from __future__ import annotations

@@ -146,9 +146,11 @@ class ClasswiseRouter(nnx.Module):
     del output_size, key
 
     @nnx.vmap(in_axes=(0, None), out_axes=1)
-    def apply(gate, x):
-      return gate.logits(x)
-    return deterministic(apply(self.gates, features), self.unit)
+    def apply(gate, x):  # each gate's softmax under the vmap: the paper's C simple gates
+      logits = gate.logits(x)
+      return logits, jax.nn.softmax(logits, axis=-1)
+    logits, weights = apply(self.gates, features)
+    return Routing(weights[None], logits[None], unit=self.unit)
 
 
 @register("pixel")
@@ -192,7 +194,7 @@ def fuse(expert_logits: jax.Array, routing: Routing) -> jax.Array:
       per_pixel = jnp.moveaxis(weights, -1, 0)[..., None]
     # Summed slice by slice (see uncertainty.sum_members).
     return uncertainty.sum_members(expert_logits * per_pixel)
-  return jax.vmap(one)(routing.weights)
+  return jnp.stack([one(weights) for weights in routing.weights])  # R is small and static
 
 
 def at_prediction(routing: Routing, prediction: jax.Array) -> Routing:

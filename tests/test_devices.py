@@ -1,0 +1,74 @@
+"""Every compiled function runs in a process with several devices (preparation for the
+mesh): XLA_FLAGS=--xla_force_host_platform_device_count=4 in a subprocess."""
+
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r'''
+import importlib.util
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_jax import evaluate, losses, methods, predict, stages, train
+from moe_jax.models import build
+
+assert jax.device_count() == 4, jax.devices()
+spec = importlib.util.spec_from_file_location("a2d2_config", "configs/a2d2.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+config = module.get_config("smoke")
+config.model.gates = ("simple", "pixel")  # classwise: the same vmapped simple gate
+h, w = config.data.image_size
+rng = np.random.default_rng(0)
+
+
+def batch(*lead):
+  return {"image": jnp.asarray(rng.integers(0, 255, (*lead, h, w, 3)), jnp.uint8),
+          "label": jnp.asarray(rng.integers(0, 38, (*lead, h, w)), jnp.uint8)}
+
+
+def steps(model, loss, data, wrt=nnx.Param):
+  optimizer = nnx.Optimizer(model, train.make_optimizer(config.train.experts.optimizer, 2),
+                            wrt=wrt)
+  for _ in range(2):
+    loss_value, finite = train.train_step(loss, model, optimizer, data)
+    assert np.isfinite(float(loss_value)) and bool(finite)
+
+
+experts = build.experts(config, 2)
+steps(experts, losses.expert_loss, batch(2, 2))
+steps(build.baseline(config), losses.single_loss, batch(2))
+moes = tuple(build.mixture(config, experts, gate) for gate in config.model.gates)
+for moe in moes:
+  steps(moe, losses.mixture_loss, batch(2), stages.GATE_PARAMS)
+  moe.eval()
+baseline = build.baseline(config)
+baseline.eval()
+for outputs, model in [(methods.mixtures_with("weighted"), moes),
+                       (methods.single_and_mc_dropout_with((2,)), baseline)]:
+  totals = evaluate.accumulate(outputs, model, [jax.device_get(batch(4))] * 2, 38,
+                               uncertainty=True, panel_images=1, patch_size=4)
+  assert all(int(s["confusion"].sum()) == 2 * 4 * h * w for s in totals.values()), totals.keys()
+for moe in moes:
+  out = predict._predict(stages._moe_members, moe, jnp.zeros((1, 40, 50, 3), jnp.uint8),
+                         build.key(0), (h, w), 38)
+  assert out["segmentation"].shape == (1, 40, 50)
+print("ran on", jax.device_count(), "devices")
+'''
+
+
+@pytest.mark.slow
+def test_every_compiled_function_runs_with_four_devices():
+  repo = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
+                                              "--xla_force_host_platform_device_count=4"])}
+  result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "ran on 4 devices" in result.stdout
