@@ -390,21 +390,23 @@ def adaptive_expected_calibration_error(confidence: np.ndarray, correct: np.ndar
 
 # The detection histogram's bins by score u (docs/metrics.md): u = 0; 0 < u < 2^MIN_EXPONENT;
 # 2^MANTISSA_BITS bins per octave up to 2^LINEAR_EXPONENT (the float32's exponent and top
-# mantissa bits: relative width <= 2^-7); from there up to 1, bins of width
-# 2^(LINEAR_EXPONENT - MANTISSA_BITS) = 2^-12 (where the relative width reaches it); u = 1.
-DETECTION_MANTISSA_BITS = 7
+# mantissa bits: relative width <= 2^-8); from there up to 1, bins of width 2^-LINEAR_BITS
+# (finer than the last log bins, 2^(LINEAR_EXPONENT - MANTISSA_BITS)); u = 1.
+DETECTION_MANTISSA_BITS = 8
 DETECTION_MIN_EXPONENT = -100
 DETECTION_LINEAR_EXPONENT = -5
+DETECTION_LINEAR_BITS = 14
 _LOG_BINS = (DETECTION_LINEAR_EXPONENT - DETECTION_MIN_EXPONENT) << DETECTION_MANTISSA_BITS
-_LINEAR_SCALE = 2 ** (DETECTION_MANTISSA_BITS - DETECTION_LINEAR_EXPONENT)  # 1 / bin width
-DETECTION_BINS = 2 + _LOG_BINS + (_LINEAR_SCALE - 2 ** DETECTION_MANTISSA_BITS) + 1  # 16131
+_LINEAR_SCALE = 2 ** DETECTION_LINEAR_BITS  # 1 / bin width
+_FIRST_LINEAR = 2 ** (DETECTION_LINEAR_BITS + DETECTION_LINEAR_EXPONENT)  # 2^LINEAR_EXPONENT
+DETECTION_BINS = 2 + _LOG_BINS + (_LINEAR_SCALE - _FIRST_LINEAR) + 1  # 40195
 
 
 def detection_histogram(score: jax.Array, correct: jax.Array, valid: jax.Array) -> jax.Array:
   """Counts of valid pixels per score bin of the detection layout, by correctness (jit-able).
 
-  The bins (see DETECTION_BINS) have a relative width of at most 2^-7 down to 2^-100 and an
-  absolute width of at most 2^-12, so AUROC, AUPR, FPR@95 and AURC of scores concentrated
+  The bins (see DETECTION_BINS) have a relative width of at most 2^-8 down to 2^-100 and an
+  absolute width of at most 2^-14, so AUROC, AUPR, FPR@95 and AURC of scores concentrated
   near 0 are close to those of the exact per-pixel scores (bounds in docs/metrics.md);
   scores that share a value share a bin, which the metrics count as ties. NaN counts as 1.
 
@@ -421,7 +423,7 @@ def detection_histogram(score: jax.Array, correct: jax.Array, valid: jax.Array) 
   m = DETECTION_MANTISSA_BITS
   bits = jax.lax.bitcast_convert_type(u, jnp.int32)  # monotone in u for u >= 0
   log_bin = 2 + (bits >> (23 - m)) - ((127 + DETECTION_MIN_EXPONENT) << m)
-  linear_bin = 2 + _LOG_BINS - 2 ** m + jnp.floor(u * _LINEAR_SCALE).astype(jnp.int32)
+  linear_bin = 2 + _LOG_BINS - _FIRST_LINEAR + jnp.floor(u * _LINEAR_SCALE).astype(jnp.int32)
   small_bin = (u > 0).astype(jnp.int32)  # 0: u = 0, 1: 0 < u < 2^MIN_EXPONENT
   bins = jnp.where(u >= 2.0 ** DETECTION_LINEAR_EXPONENT, linear_bin,
                    jnp.where(u >= 2.0 ** DETECTION_MIN_EXPONENT, log_bin, small_bin))

@@ -385,10 +385,10 @@ def test_aurc_equals_the_exact_sorted_aurc(where):
 
 def detection_lower_edges():
   """float64 lower edges of the detection bins, from their definition: 0 (u = 0), the
-  smallest normal float32 (XLA flushes subnormals to 0), 2^e (1 + j / 128) for e = -100..-6,
-  k / 4096 for k = 128..4096 (the last bin is u = 1)."""
-  log = [2.0 ** e * (1 + j / 128) for e in range(-100, -5) for j in range(128)]
-  return np.array([0.0, 2.0 ** -126] + log + [k / 4096 for k in range(128, 4097)])
+  smallest normal float32 (XLA flushes subnormals to 0), 2^e (1 + j / 256) for e = -100..-6,
+  k / 16384 for k = 512..16384 (the last bin is u = 1)."""
+  log = [2.0 ** e * (1 + j / 256) for e in range(-100, -5) for j in range(256)]
+  return np.array([0.0, 2.0 ** -126] + log + [k / 16384 for k in range(512, 16385)])
 
 
 def test_detection_bins_against_float64_edges():
