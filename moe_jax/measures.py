@@ -75,20 +75,17 @@ def normalise(name: str, raw: jax.Array, num_classes: int, num_experts: int = 1)
   return jnp.clip(raw / MEASURES[name].maximum(num_classes, num_experts), 0.0, 1.0)
 
 
-def members_maps(moments: uncertainty.Moments, names: tuple[str, ...] | None = None
-                 ) -> dict[str, jax.Array]:
-  """Normalised maps [...] of the "members" measures (default: all) of a sample set."""
-  num_classes = moments.reference.shape[-1]
-  return {name: normalise(name, MEASURES[name].raw(moments), num_classes)
-          for name in (of_source("members") if names is None else names)}
+def members_maps(moments: uncertainty.Moments) -> dict[str, jax.Array]:
+  """Normalised maps [...] of every "members" measure of a sample set."""
+  return normalised({name: MEASURES[name].raw(moments) for name in of_source("members")},
+                    moments.reference.shape[-1])
 
 
 def routing_maps(routing: routers.Routing, prediction: jax.Array, num_classes: int,
                  num_experts: int) -> dict[str, jax.Array]:
   """Normalised maps [B, H, W] of the "routing" measures of an MoE's routing."""
-  return {name: normalise(name, MEASURES[name].raw(routing, prediction), num_classes,
-                          num_experts)
-          for name in of_source("routing")}
+  return normalised({name: MEASURES[name].raw(routing, prediction)
+                     for name in of_source("routing")}, num_classes, num_experts)
 
 
 def normalised(raw: dict[str, jax.Array], num_classes: int,

@@ -26,7 +26,7 @@ from typing import Callable
 from flax import nnx
 import ml_collections
 
-from moe_jax import checkpoint, losses, methods
+from moe_jax import checkpoint, input_pipeline, losses, methods
 from moe_jax.models import build
 
 Config = ml_collections.ConfigDict
@@ -78,12 +78,10 @@ class Stage:
 # ------------------------------------------------------------------------------ experts
 
 def _expert_names(config: Config) -> list[str]:
-  from moe_jax import input_pipeline
   return input_pipeline.expert_names(config.data)
 
 
 def _expert_splits(config: Config, part: str) -> list[str]:
-  from moe_jax import input_pipeline
   return [input_pipeline.expert_split(config.data, name, part)
           for name in _expert_names(config)]
 
@@ -150,6 +148,9 @@ def _moe_members(moe, x, key):
   return {"member_logits": out["expert_logits"], "logits": out["logits"],
           "routing": out["routing"]}
 
+
+# train and its validations read data through TensorFlow: imported when a stage trains, so
+# that restoring and predicting never import it.
 
 def _validation(outputs: Callable, method: str):
   def make(config: Config, name: str) -> Callable[[nnx.Module], float]:

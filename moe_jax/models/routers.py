@@ -58,11 +58,6 @@ class Routing:
   aux_losses: dict[str, jax.Array] = struct.field(default_factory=dict)
   unit: str = struct.field(pytree_node=False, default="image")
 
-  @property
-  def num_samples(self) -> int:
-    """R, the routing samples."""
-    return self.weights.shape[0]
-
 
 def deterministic(logits: jax.Array, unit: str) -> Routing:
   """The Routing of one set of logits (R = 1): logits [B, ..., K] -> softmax weights."""
