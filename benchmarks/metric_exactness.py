@@ -70,7 +70,7 @@ def pixel_maps(config: ml_collections.ConfigDict, workdir: Path, split: str) -> 
                                           functools.partial(stage.model, config, name))
       model.eval()
       models.append(model)
-    model = models[0] if len(models) == 1 else tuple(models)
+    model = tuple(models)
     run = nnx.jit(outputs)
     base = build.key(config.seed)
     # As evaluate reads them: a union split part by part, batch i of a part with MC

@@ -412,7 +412,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       model, results["checkpoints"][stage] = checkpoint.restore_model(workdir, stage, make)
       model.eval()
       restored.append(model)
-    models[stages] = restored[0] if len(restored) == 1 else tuple(restored)
+    models[stages] = tuple(restored)
   # Each disjoint part is evaluated once; a union split (all_test) sums its parts.
   parts = {split: input_pipeline.split_parts(config.data, split)
            for split in config.data.test_splits}

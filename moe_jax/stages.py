@@ -54,9 +54,8 @@ class Stage:
     trains: the nnx filter of the parameters that train.
     train_mode: False keeps the whole model in eval mode while training (frozen experts).
     pretrained_backbone: model.backbone_weights initialises its backbone(s).
-    evaluation: config -> (output function over the models of all its checkpoints, in
-      order (one model, or a tuple for several), {output key: method name}); None: not
-      evaluated on its own.
+    evaluation: config -> (output function taking the tuple of the models of all its
+      checkpoints, in order, {output key: method name}); None: not evaluated on its own.
     predictor: (config, checkpoint name, MC-dropout passes) -> (method name, Members).
     off_reason: what turns the stage off (printed when `checkpoints` is empty).
   """
@@ -98,9 +97,19 @@ def _stacked_members(members, x, key):
 
 # ----------------------------------------------------------------------------- baseline
 
+@functools.cache
+def _of_one(outputs: Callable) -> Callable:
+  """The output function of one model as one taking the 1-tuple of a stage's models (the
+  same object for the same function, so jit compiles it once)."""
+  def of_tuple(models, images, key):
+    (model,) = models
+    return outputs(model, images, key)
+  return of_tuple
+
+
 def _baseline_evaluation(config: Config) -> tuple[Callable, dict[str, str]]:
   passes = tuple(config.eval.mc_dropout_passes)
-  return (methods.single_and_mc_dropout_with(passes),
+  return (_of_one(methods.single_and_mc_dropout_with(passes)),
           {"model": "baseline", **{f"mc_dropout_{t}": f"mc_dropout_{t}" for t in passes}})
 
 
@@ -205,7 +214,8 @@ STAGES: dict[str, Stage] = {
         validation=_stacked_validation(
             lambda config: [config.data.val_split] * config.model.deep_ensemble_members),
         pretrained_backbone=True,
-        evaluation=lambda config: (methods.deep_ensemble, {"deep_ensemble": "deep_ensemble"}),
+        evaluation=lambda config: (_of_one(methods.deep_ensemble),
+                                   {"deep_ensemble": "deep_ensemble"}),
         predictor=lambda config, name, passes: ("deep_ensemble", _stacked_members),
         off_reason="config key model.deep_ensemble_members=0"),
     "gate": Stage(

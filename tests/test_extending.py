@@ -1,7 +1,6 @@
-"""docs/architecture.md's worked examples: a new measure and a new dataset, each added in
-one place (here, from outside the package) and picked up by everything that reads the
-tables. (The new router's example runs through train, evaluate and predict in
-tests/test_main.py, on the smoke run's trained experts.)"""
+"""docs/architecture.md's worked examples: a new router, a new measure and a new dataset,
+each added in one place (here, from outside the package) and picked up by everything that
+reads the tables."""
 
 import types
 
@@ -92,3 +91,67 @@ def test_a_new_dataset_is_read_through_the_input_pipeline(monkeypatch):
   batches = list(input_pipeline.eval_batches(data, "test", batch_size=4))
   assert [b["image"].shape[0] for b in batches] == [4, 4]
   assert (batches[-1]["label"][2:] == 255).all()  # the padded frames are ignored
+
+
+@pytest.fixture(scope="module")
+def experts_workdir(tmp_path_factory):
+  """A smoke workdir as the CLI leaves it after the experts and baseline stages, the models
+  at their initial weights (their training is not what the router example is about)."""
+  import runpy
+  from pathlib import Path
+  from flax import nnx
+  from moe_jax import checkpoint
+  from moe_jax.models import build
+  config = runpy.run_path(str(Path(__file__).parents[1] / "configs" / "a2d2.py"))[
+      "get_config"]("smoke")
+  config.eval.corruptions = ()
+  workdir = tmp_path_factory.mktemp("router") / "run"
+  input_pipeline.resolve_paths(config.data, workdir)
+  input_pipeline.prepare(config.data)
+  for name, model in (("experts", build.experts(config, 2)), ("baseline", build.baseline(config))):
+    with checkpoint.StageCheckpoints(workdir, name, save_every=1) as ckpt:
+      ckpt.save(0, {"model": nnx.state(model)}, val_miou=0.0, finished=True)
+  return config, workdir
+
+
+@pytest.mark.slow
+def test_a_router_registered_outside_the_package_trains_evaluates_and_predicts(
+    experts_workdir):
+  """A router written and registered in user code (here) goes through the gate stage,
+  evaluate and predict with no change to the package."""
+  from flax import nnx
+  import moe_jax
+  from moe_jax import train
+  from moe_jax.models import routers
+
+  @routers.register("mean_pool")
+  class MeanPoolRouter(nnx.Module):
+    """Per-image weights from the features' spatial mean, with a load-balancing loss."""
+    unit = "image"
+
+    def __init__(self, args: routers.RouterArgs, *, rngs: nnx.Rngs):
+      self.out = nnx.Linear(args.in_ch, args.num_experts, rngs=rngs)
+
+    def __call__(self, features, *, output_size, key=None):
+      routing = routers.deterministic(self.out(features.mean(axis=(1, 2))), self.unit)
+      load = routing.weights.mean(axis=(0, 1))  # [K]
+      return routing.replace(aux_losses={"balance": 0.1 * jnp.sum((load - 1 / load.size) ** 2)})
+
+  from moe_jax import checkpoint
+  config, workdir = experts_workdir
+  config.model.gates = ("mean_pool",)
+  checkpoint.save_config(workdir, config.to_json_best_effort())  # what restore reads
+  try:
+    trained = train.run(config, workdir, "gate")
+    assert list(trained) == ["gate_mean_pool"]
+    assert train.finished(workdir, "gate_mean_pool") is not None
+    results = evaluate.run(config, workdir)
+    assert results["routing_units"] == {"moe_mean_pool": "image"}
+    entry = results["splits"]["ambiguous_test"]["moe_mean_pool"]
+    assert set(entry["uncertainty"]) == set(measures.MEASURES)
+    predictor = moe_jax.restore(workdir, stage="gate")
+    assert predictor.method == "moe_mean_pool"
+    out = predictor.predict(np.zeros((40, 50, 3), np.uint8))
+    assert out["gate_weights"].shape == (1, 2) and out["gate_entropy"].shape == (1, 40, 50)
+  finally:
+    del routers.ROUTERS["mean_pool"]

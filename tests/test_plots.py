@@ -184,9 +184,13 @@ def test_a_missing_corrupted_split_leaves_a_gap(tmp_path):
   np.testing.assert_array_equal(plots._nanmean(values), [2.0, np.nan, 3.0])
 
 
-def test_gate_units_follow_the_gate_type():
-  assert plots._gate_unit("moe_simple") == "images"
-  assert plots._gate_unit("moe_classwise") == "pixels"
+def test_gate_units_follow_the_routing_unit_in_the_results():
+  results = {"routing_units": {"moe_simple": "image", "moe_classwise": "class",
+                               "moe_dense": "pixel"}}
+  assert plots._gate_unit(results, "moe_simple") == "images"
+  assert plots._gate_unit(results, "moe_classwise") == "pixels"
+  assert plots._gate_unit(results, "moe_dense") == "pixels"
+  assert plots._gate_unit({}, "moe_simple") == "units"  # results.json from before the units
 
 
 class _Payload:

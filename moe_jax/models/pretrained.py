@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.config_checks import ConfigError
+
 _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
@@ -33,8 +35,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """{torchvision name: float32 array} of a `.pth`/`.pt` (needs torch) or `.safetensors`."""
   path = Path(path).expanduser()
   if not path.is_file():
-    raise ValueError(f"{_key(path)}: no such file; point it at a torchvision ResNet "
-                     "checkpoint (.pth or .safetensors).")
+    raise ConfigError(f"{_key(path)}: no such file; point it at a torchvision ResNet "
+                      "checkpoint (.pth or .safetensors).")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file
     return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
@@ -42,19 +44,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
       import torch
     except ImportError:
-      raise ValueError(f"{_key(path)}: reading .pth needs PyTorch (pip install torch), or "
-                       "convert the file to .safetensors.") from None
+      raise ConfigError(f"{_key(path)}: reading .pth needs PyTorch (pip install torch), or "
+                        "convert the file to .safetensors.") from None
     try:  # weights_only: tensors and containers only; any other object is refused unbuilt
       state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
       found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
       what = f" ({found.group(1)})" if found else ""
-      raise ValueError(f"{_key(path)}: refused: the file holds Python objects besides "
-                       f"tensors{what}, and they are not loaded; save a plain state_dict() "
-                       "of tensors.") from None
+      raise ConfigError(f"{_key(path)}: refused: the file holds Python objects besides "
+                        f"tensors{what}, and they are not loaded; save a plain state_dict() "
+                        "of tensors.") from None
     return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
-  raise ValueError(f"{_key(path)}: unknown file type {path.suffix!r}; use a .pth or "
-                   ".safetensors torchvision checkpoint.")
+  raise ConfigError(f"{_key(path)}: unknown file type {path.suffix!r}; use a .pth or "
+                    ".safetensors torchvision checkpoint.")
 
 
 def torchvision_name(path: tuple) -> str:
@@ -82,16 +84,16 @@ def load_backbone(backbone: nnx.Module, path: str | os.PathLike) -> None:
     keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in key_path)
     name = torchvision_name(keys[:-1] if keys[-1] == "value" else keys)  # the Variable's value
     if name not in weights:
-      raise ValueError(f"{_key(path)}: no tensor {name!r}; is it a torchvision ResNet of "
-                       "the config's depth (model.backbone)?")
+      raise ConfigError(f"{_key(path)}: no tensor {name!r}; is it a torchvision ResNet of "
+                        "the config's depth (model.backbone)?")
     value = weights[name]
     if value.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
       value = value.transpose(2, 3, 1, 0)
     shape = leaf.shape[leaf.ndim - value.ndim:]
     if value.shape != shape:
-      raise ValueError(f"{_key(path)}: {name!r} has shape {list(value.shape)} but the backbone "
-                       f"needs {list(shape)}; ImageNet weights need model.width=1.0 and the "
-                       "same depth as model.backbone.")
+      raise ConfigError(f"{_key(path)}: {name!r} has shape {list(value.shape)} but the "
+                        f"backbone needs {list(shape)}; ImageNet weights need "
+                        "model.width=1.0 and the same depth as model.backbone.")
     return jnp.broadcast_to(jnp.asarray(value, leaf.dtype), leaf.shape)
 
   nnx.update(backbone, jax.tree_util.tree_map_with_path(convert, state))
