@@ -24,7 +24,9 @@ def smoke_run(tmp_path_factory, run_main):
   """The whole smoke pipeline with a 2-member deep ensemble, run once for the tests below."""
   workdir = tmp_path_factory.mktemp("smoke") / "run"
   # Compiled programs are cached on disk, so the reruns below skip XLA's compile time.
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+         # every program, however quick to compile (JAX caches those over 1 s by default)
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, workdir=workdir,
                             env=env)
   assert code == 0, err[-3000:]
