@@ -96,12 +96,13 @@ def mixture_outputs(out: dict, *, members: str = "weighted", ev_at: str = "sampl
   `MixtureOfExperts`), however it was computed. `ev_at`: see EV_AT."""
   expert_probs = uncertainty.probabilities(out["expert_logits"])  # [K,B,H,W,C]
   fused = single_output(out["logits"])
-  ensemble = members_output(expert_probs)  # the experts, uniform
+  uniform = uncertainty.moments(expert_probs)
+  ensemble = moments_output(uniform)  # the experts, uniform
   used = routers.at_prediction(out["routing"], fused["prediction"])
   if members == "weighted":
     moments = uncertainty.moments(expert_probs, routers.member_weights(used))
   elif members == "uniform":
-    moments = uncertainty.moments(expert_probs)
+    moments = uniform
   elif members == "stacked":
     moments = uncertainty.moments(jnp.concatenate([fused["probs"][None], expert_probs]))
   else:
