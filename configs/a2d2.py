@@ -6,6 +6,8 @@ Presets (the argument after the colon):
       CPU demo: generates synthetic scenes in the A2D2 layout inside the workdir.
   python -m moe_jax.main --config configs/a2d2.py:smoke --workdir /tmp/smoke
       Tiny, for tests.
+  python -m moe_jax.main --config configs/a2d2.py:bayes --workdir runs/bayes
+      The demo with all eight Bayesian routers (model.routers) around the simple gate.
   python -m moe_jax.main --config configs/a2d2.py --config.data.data_dir=/data/a2d2 \
       --workdir runs/a2d2
       The paper's setting on the real data (912x912, the reference split lists).
@@ -15,6 +17,10 @@ or --config.train.experts.epochs=2. Paths may contain "{workdir}", replaced by -
 """
 
 import ml_collections
+
+# The "bayes" preset's routers: all eight of moe_jax.models.bayesian_routers.
+BAYES_PRESET_ROUTERS = ("deterministic", "temp_sampling", "mcdr", "swagr", "der", "mfvr", "fcvr",
+                    "vtsr")
 
 
 def stage(*, batch_size: int, epochs: int, eval_every_epochs: int, optimizer: str,
@@ -29,8 +35,9 @@ def stage(*, batch_size: int, epochs: int, eval_every_epochs: int, optimizer: st
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   preset = arg or "paper"
-  if preset not in ("paper", "synthetic", "smoke"):
-    raise ValueError(f"configs/a2d2.py: unknown preset {arg!r}; use '', 'synthetic' or 'smoke'.")
+  if preset not in ("paper", "synthetic", "smoke", "bayes"):
+    raise ValueError(f"configs/a2d2.py: unknown preset {arg!r}; use '', 'synthetic', 'smoke' "
+                     "or 'bayes'.")
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -69,6 +76,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.fusion_conv = False          # the paper's "+conv": 3x3 conv after fusion
   config.model.gate_hidden = 128
   config.model.deep_ensemble_members = 0    # M > 0 trains a deep ensemble of M models
+  # Bayesian routers (moe_jax.models.bayesian_routers.BAYESIAN_ROUTERS): one MoE
+  # "moe_<gate>_<router>" per router around each gate type of model.bayesian_gates
+  # (() = every gate of model.gates); "deterministic" is the gate itself ("moe_<gate>").
+  config.model.routers = ("deterministic",)
+  config.model.bayesian_gates = ()
+  config.model.routing = ml_collections.ConfigDict(dict(
+      prior_std=1.0,            # σ0 of the prior N(l_det, σ0² I) (mfvr, fcvr; vtsr's log T)
+      kl_weight=1e-2,           # β in CE + β·KL (mfvr, fcvr, vtsr)
+      dropout=0.1,              # mcdr's rate on the router's input
+      swag_rank=10,             # swagr's deviation matrix rank
+      swag_start=0.5,           # swagr collects after this fraction of the gate's steps,
+      swag_every=1,             # every this many steps
+      ensemble=4,               # der's M routers
+      temperature=1.0,          # temp_sampling's T
+      hard=False,               # temp_sampling, vtsr: one-hot selection (straight-through)
+      max_log_temperature=3.0,  # vtsr's clip of log T
+      warmup_steps=10))         # vtsr's ramp from T = 1
 
   # The reference's training: SGD lr 0.01, momentum 0.99, weight decay 1e-4, constant LR
   # (its "cos" schedule is never read), 50 epochs, batch 1 (experts) and 8 (gate).
@@ -102,11 +126,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Frames of each part of the corruption split (0 = all); when limited, the clean frames
   # of the same subset are evaluated too, as "<split>:clean:0".
   config.eval.corruption_frames_per_part = 0
+  config.eval.routing_samples = 16          # S routing samples of a Bayesian router
+  # Routing stability: the first eval.stability_images images of the ID split (ood_splits[0],
+  # else the first test split) plus Gaussian noise of std σ x each image's pixel std.
+  config.eval.stability_noise = (1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+  config.eval.stability_images = 16         # 0 = off
+  config.eval.stability_top_k = 2           # Jaccard of the top-k experts (when K > 2)
   config.eval.panel_images = 3              # images per split in the uncertainty panels
   config.eval.patch_size = 4                # Mukhoti & Gal's patch metrics (0 = off)
 
-  if preset in ("synthetic", "smoke"):
+  if preset in ("synthetic", "smoke", "bayes"):
     small = preset == "smoke"
+    # The demo trains four Bayesian routers around the simple gate; "bayes" all eight.
+    config.model.routers = (("deterministic", "mfvr") if small else
+                            BAYES_PRESET_ROUTERS if preset == "bayes" else
+                            ("deterministic", "mcdr", "mfvr", "der"))
+    config.model.bayesian_gates = ("simple",)
+    config.eval.stability_images = 4 if small else 16
     config.model.backbone = "resnet18"
     config.model.width = 0.125 if small else 0.5
     config.model.aspp_channels = 16 if small else 64

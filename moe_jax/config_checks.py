@@ -18,7 +18,14 @@ MUTABLE_CONFIG_KEYS = ("eval.", "train.log_every", "train.keep_checkpoints",
                        "train.deep_ensemble.")
 # Keys added after workdirs existed, with the value that means "as before": a workdir whose
 # config.json lacks one of them matches a config holding that value.
-ADDED_CONFIG_KEYS = {"model.backbone_weights": ""}
+# The Bayesian routers' settings (config model.routing; see
+# moe_jax.models.bayesian_routers.RoutingSettings for what each means).
+ROUTING_DEFAULTS = dict(prior_std=1.0, kl_weight=1e-2, dropout=0.1, swag_rank=10,
+                        swag_start=0.5, swag_every=1, ensemble=4, temperature=1.0, hard=False,
+                        max_log_temperature=3.0, warmup_steps=10)
+ADDED_CONFIG_KEYS = {"model.backbone_weights": "", "model.routers": ["deterministic"],
+                     "model.bayesian_gates": [],
+                     **{f"model.routing.{key}": value for key, value in ROUTING_DEFAULTS.items()}}
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -66,7 +73,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   from data_pipelines import registry
   from moe_jax import evaluate, methods, stages
-  from moe_jax.models import backbone, moe, routers
+  from moe_jax.models import backbone, bayesian_routers, moe, routers
 
   registry.get(config.data.name)
   image_size(config.data.image_size)
@@ -77,6 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config key model.gates={gates!r} must name distinct gate types "
                       f"from the routers {tuple(routers.ROUTERS)}, e.g. "
                       "--config.model.gates='(\"simple\",)'.")
+  _check_routing(config, gates, bayesian_routers)
   positive_int(config.model.deep_ensemble_members, "model.deep_ensemble_members",
                allow_zero=True)
   one_of(config.train.nonfinite, NONFINITE, "train.nonfinite")
@@ -101,5 +109,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config key eval.ood_splits={ood} must be two of "
                       f"data.test_splits={tuple(config.data.test_splits)} (ID, OOD), or ().")
   positive_int(config.eval.panel_images, "eval.panel_images", allow_zero=True)
+  positive_int(config.eval.stability_images, "eval.stability_images", allow_zero=True)
+  positive_int(config.eval.stability_top_k, "eval.stability_top_k")
+  for sigma in config.eval.stability_noise:
+    _positive_float(sigma, "eval.stability_noise")
   positive_int(config.eval.patch_size, "eval.patch_size", allow_zero=True)
   evaluate.corrupted_splits(config)
+
+
+def _positive_float(value, key: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+      or value == float("inf"):
+    raise ConfigError(f"config key {key}={value!r} must be a positive finite number.")
+  return float(value)
+
+
+def _check_routing(config: ml_collections.ConfigDict, gates: tuple, bayesian_routers) -> None:
+  """model.routers, model.bayesian_gates, model.routing and eval.routing_samples."""
+  names = tuple(config.model.routers)
+  if not names or len(set(names)) != len(names) or not set(names) <= set(
+      bayesian_routers.BAYESIAN_ROUTERS):
+    raise ConfigError(f"config key model.routers={names!r} must name distinct routers from "
+                      f"{tuple(bayesian_routers.BAYESIAN_ROUTERS)}, e.g. "
+                      "--config.model.routers='(\"deterministic\",\"mfvr\")'.")
+  chosen = tuple(config.model.bayesian_gates)
+  if not set(chosen) <= set(gates):
+    raise ConfigError(f"config key model.bayesian_gates={chosen!r} must be gate types of "
+                      f"model.gates={gates!r} (or () for all of them).")
+  routing = config.model.routing
+  for key in ("prior_std", "kl_weight", "temperature", "max_log_temperature"):
+    _positive_float(routing[key], f"model.routing.{key}")
+  if not 0.0 <= routing.dropout < 1.0:
+    raise ConfigError(f"config key model.routing.dropout={routing.dropout!r} must be in "
+                      "[0, 1).")
+  if not 0.0 <= routing.swag_start < 1.0:
+    raise ConfigError(f"config key model.routing.swag_start={routing.swag_start!r} must be "
+                      "in [0, 1) (the fraction of the gate's steps before SWAG collects).")
+  for key in ("swag_rank", "swag_every", "ensemble"):
+    positive_int(routing[key], f"model.routing.{key}")
+  positive_int(routing.warmup_steps, "model.routing.warmup_steps", allow_zero=True)
+  positive_int(config.eval.routing_samples, "eval.routing_samples")

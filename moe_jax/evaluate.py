@@ -371,8 +371,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Stage "evaluate": every method on every test split -> `<workdir>/results.json`.
 
   Methods: `expert_<name>` for each expert, `ensemble` (the experts, uniform),
-  `moe_<gate>` per gate type (from that gate's best checkpoint, which holds the frozen
-  experts too), `baseline`, `mc_dropout_<T>` for each T in eval.mc_dropout_passes and,
+  `moe_<gate>` per gate type and `moe_<gate>_<router>` per Bayesian router around it
+  (from its best checkpoint, which holds the frozen experts too), `baseline`, `mc_dropout_<T>` for each T in eval.mc_dropout_passes and,
   when trained, `deep_ensemble`. Splits: data.test_splits, then eval.corruption_split
   under each corruption and severity ("<split>:<corruption>:<severity>").
   The histograms behind every number go to `<workdir>/histograms.npz`, the first
@@ -382,7 +382,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   Returns:
     {"splits": {split: {method: summary}}, "ood": {method: {measure: ...}},
      "thresholds": [T], "checkpoints": {stage: meta}, "class_names": [...],
-     "experts": [...], "gates": [...], "routing_units", "moe_members", "ev_at", "ood_splits",
+     "experts": [...], "gates": [...], "routing_units", "routers" ({MoE method: {"gate",
+     "router"}}), "moe_members", "ev_at", "ood_splits",
      "corruptions"}.
   """
   start = time.perf_counter()
@@ -396,8 +397,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
              "class_names": list(input_pipeline.class_names(config.data)),
              "experts": input_pipeline.expert_names(config.data),
              "gates": list(config.model.gates),
-             "routing_units": {f"moe_{gate}": routers.get(gate).unit
-                               for gate in config.model.gates},
+             "routing_units": {stages.moe_method(gate, router): routers.get(gate).unit
+                               for gate, router in stages.gate_routers(config)},
+             "routers": {stages.moe_method(gate, router): {"gate": gate, "router": router}
+                         for gate, router in stages.gate_routers(config)},
              "moe_members": config.eval.moe_members, "ev_at": config.eval.ev_at,
              "ood_splits": ood_splits,
              "corruptions": {"split": config.eval.corruption_split,

@@ -44,10 +44,13 @@ def single_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def mixture_loss(moe: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-  """The MoE's fused logits on batch {"image": uint8 [B, H, W, 3], "label": [B, H, W]},
-  plus the router's auxiliary losses (e.g. a KL term; none for deterministic routers)."""
+  """The MoE on batch {"image": uint8 [B, H, W, 3], "label": [B, H, W]}: the mean over its
+  routing samples of each sample's cross-entropy (one sample for deterministic and most
+  Bayesian routers; der's M members each learn from their own), plus the router's
+  auxiliary losses (e.g. β·KL; none for deterministic routers)."""
   out = moe(batch["image"].astype(jnp.float32) / 255.0)
-  loss = cross_entropy(out["logits"], batch["label"])
+  loss = jnp.mean(jnp.stack([cross_entropy(sample, batch["label"])
+                             for sample in out["sample_logits"]]))
   for aux in out["routing"].aux_losses.values():
     loss = loss + aux
   return loss

@@ -141,7 +141,7 @@ def restore(path: str | os.PathLike, *, stage: str = "gate", expert: str | None 
   config = ml_collections.ConfigDict(checkpoint.load_config(workdir))
   names = input_pipeline.expert_names(config.data)
   if name == "gate":
-    name = stages.gate_checkpoint(config.model.gates[0])
+    name = stages.STAGES["gate"].checkpoints(config)[0]
   try:
     _, entry = stages.stage_of(config, name)
   except KeyError:

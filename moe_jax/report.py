@@ -54,7 +54,16 @@ def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[
 
 
 def _moe_methods(results: dict) -> list[str]:
-  return [f"moe_{gate}" for gate in results["gates"]]
+  """The deterministic MoE of each gate type (the seed paper's)."""
+  return [method for method, kind in _routers(results).items()
+          if kind["router"] == "deterministic"]
+
+
+def _routers(results: dict) -> dict[str, dict]:
+  """{MoE method: {"gate", "router"}} (results before Bayesian routing: one deterministic
+  MoE per gate)."""
+  return results.get("routers") or {f"moe_{gate}": {"gate": gate, "router": "deterministic"}
+                                    for gate in results["gates"]}
 
 
 def claims(results: dict, in_split: str | None, ood_split: str | None) -> list[str]:
@@ -75,7 +84,7 @@ def claims(results: dict, in_split: str | None, ood_split: str | None) -> list[s
               f"threshold sweep, %): " + "; ".join(verdicts) + "."]
   else:
     lines += ["1. **MoE vs ensemble under OOD**: not measured (no OOD split in this run)."]
-  if {"simple", "classwise"} <= set(results["gates"]):
+  if {"moe_simple", "moe_classwise"} <= set(_moe_methods(results)):
     verdicts = []
     for name in dict.fromkeys(s for s in (in_split, ood_split) if s):
       ece = {gate: results["splits"][name][f"moe_{gate}"]["uncertainty"]["gate_entropy"]["ece"]

@@ -9,7 +9,7 @@ returns for it. The order of `STAGES` is the order the pipeline runs them in.
   experts        experts                K stacked experts        expert k: its domain
   baseline       baseline               one DeepLabv3+           data.train_split
   deep_ensemble  deep_ensemble          M stacked models         data.train_split, M seeds
-  gate           gate_<router>, ...     the MoE, experts frozen  data.train_split
+  gate           gate_<gate>[_<router>] the MoE, experts frozen  data.train_split
 
 A new stage is one entry here plus its functions; `python -m moe_jax.main` runs it between
 its neighbours, `evaluate` evaluates it when it has an `evaluation`, and
@@ -58,6 +58,8 @@ class Stage:
       checkpoints, in order, {output key: method name}); None: not evaluated on its own.
     predictor: (config, checkpoint name, MC-dropout passes) -> (method name, Members).
     off_reason: what turns the stage off (printed when `checkpoints` is empty).
+    after_step: (model, step, total steps) -> None, called after each optimiser step
+      (the gate stage: SWAG's collection); None: nothing.
   """
   checkpoints: Callable[[Config], tuple[str, ...]]
   model: Callable[[Config, str], nnx.Module]
@@ -72,6 +74,7 @@ class Stage:
   evaluation: Callable[[Config], tuple[Callable, dict[str, str]]] | None = None
   predictor: Callable[[Config, str, int], tuple[str, Members]] | None = None
   off_reason: str = ""
+  after_step: Callable[[nnx.Module, int, int], None] | None = None
 
 
 # ------------------------------------------------------------------------------ experts
@@ -122,34 +125,57 @@ def _mc_dropout_members(passes: int) -> Members:
 
 # -------------------------------------------------------------------------------- gates
 
-def gate_checkpoint(gate: str) -> str:
-  """The checkpoint name of the MoE with router `gate`: "gate_simple", "gate_classwise"."""
-  return f"gate_{gate}"
+def gate_routers(config: Config) -> list[tuple[str, str]]:
+  """The (gate type, Bayesian router) of every MoE the gate stage trains, in order: each
+  gate of model.gates with "deterministic" (if in model.routers), and each other router
+  of model.routers around each gate of model.bayesian_gates (() = every gate)."""
+  routers = tuple(config.model.get("routers", ("deterministic",)))
+  bayesian_gates = tuple(config.model.get("bayesian_gates", ())) or tuple(config.model.gates)
+  return [(gate, router) for gate in config.model.gates for router in routers
+          if router == "deterministic" or gate in bayesian_gates]
 
 
-def _gate_of(name: str) -> str:
-  return name.removeprefix("gate_")
+def _suffix(gate: str, router: str) -> str:
+  return gate if router == "deterministic" else f"{gate}_{router}"
+
+
+def gate_checkpoint(gate: str, router: str = "deterministic") -> str:
+  """The checkpoint of the MoE with gate type `gate` and Bayesian router `router`:
+  "gate_simple" (deterministic, as before Bayesian routing), "gate_simple_mcdr", ..."""
+  return f"gate_{_suffix(gate, router)}"
+
+
+def moe_method(gate: str, router: str = "deterministic") -> str:
+  """The evaluated method of that MoE: "moe_simple", "moe_simple_mcdr", ..."""
+  return f"moe_{_suffix(gate, router)}"
+
+
+def _gate_router(config: Config, name: str) -> tuple[str, str]:
+  for gate, router in gate_routers(config):
+    if gate_checkpoint(gate, router) == name:
+      return gate, router
+  raise KeyError(name)
 
 
 def _gate_model(config: Config, name: str) -> nnx.Module:
-  return build.mixture(config, _experts_model(config, "experts"), _gate_of(name))
+  return build.mixture(config, _experts_model(config, "experts"), *_gate_router(config, name))
 
 
 def _gate_training_model(config: Config, workdir: Path, name: str) -> nnx.Module:
   """The MoE around the experts stage's best checkpoint (its router freshly initialised)."""
   experts, _ = checkpoint.restore_model(workdir, "experts",
                                         lambda: _experts_model(config, "experts"))
-  return build.mixture(config, experts, _gate_of(name))
+  return build.mixture(config, experts, *_gate_router(config, name))
 
 
 def _gates_evaluation(config: Config) -> tuple[Callable, dict[str, str]]:
-  """Every router's MoE in one call (the frozen experts run once and also give the
-  experts and their uniform ensemble)."""
-  gates = tuple(config.model.gates)
+  """Every MoE (gate type x router) in one call (the frozen experts run once and also give
+  the experts and their uniform ensemble)."""
   return (methods.mixtures_with(config.eval.moe_members, config.eval.ev_at),
           {"ensemble": "ensemble",
            **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(_expert_names(config))},
-           **{f"moe_{i}": f"moe_{gate}" for i, gate in enumerate(gates)}})
+           **{f"moe_{i}": moe_method(gate, router)
+              for i, (gate, router) in enumerate(gate_routers(config))}})
 
 
 def _moe_members(moe, x, key):
@@ -219,7 +245,8 @@ STAGES: dict[str, Stage] = {
         predictor=lambda config, name, passes: ("deep_ensemble", _stacked_members),
         off_reason="config key model.deep_ensemble_members=0"),
     "gate": Stage(
-        checkpoints=lambda config: tuple(gate_checkpoint(g) for g in config.model.gates),
+        checkpoints=lambda config: tuple(gate_checkpoint(*pair)
+                                         for pair in gate_routers(config)),
         model=_gate_model,
         training_model=_gate_training_model,
         loss=losses.mixture_loss,
@@ -229,7 +256,9 @@ STAGES: dict[str, Stage] = {
         trains=GATE_PARAMS,
         train_mode=False,
         evaluation=_gates_evaluation,
-        predictor=lambda config, name, passes: (f"moe_{_gate_of(name)}", _moe_members)),
+        predictor=lambda config, name, passes: (moe_method(*_gate_router(config, name)),
+                                                _moe_members),
+        after_step=lambda moe, step, total: moe.gate.after_train_step(step, total)),
 }
 
 

@@ -86,7 +86,8 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
         batches: Callable[[int], Iterator[dict]], total_steps: int, eval_every: int,
         validate: Callable[[nnx.Module], float], workdir: str | Path, keep: int,
         log_every: int, images_per_step: int, train_mode: bool = True,
-        section: str | None = None, nonfinite: str = "stop") -> dict:
+        section: str | None = None, nonfinite: str = "stop",
+        after_step: Callable[[nnx.Module, int, int], None] | None = None) -> dict:
   """Trains `model` for `total_steps`, validating and checkpointing every `eval_every`.
 
   A finished stage is skipped; an interrupted one resumes from its latest checkpoint
@@ -110,6 +111,7 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
     nonfinite: what a step whose loss or gradients are not finite does: "stop" raises
       FloatingPointError naming the step (no checkpoint is written after it); "skip" leaves
       the model and optimiser as they were before it and goes on (each skip is printed).
+    after_step: (model, step, total_steps) -> None after each step (e.g. SWAG's collection).
 
   Returns:
     The meta dict of the best checkpoint ({"step", "val_miou", "finished"}).
@@ -136,6 +138,8 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
       for step in range(start + 1, total_steps + 1):
         pending.append((step, *train_step(loss_fn, model, optimizer, next(stream),
                                           nonfinite == "skip")))
+        if after_step is not None:
+          after_step(model, step, total_steps)
         bar.update(images_per_step)
         evaluating = step % eval_every == 0 or step == total_steps
         # Read the losses (a device sync) every log_every steps and before every
@@ -309,4 +313,5 @@ def _train(config, workdir, name: str, checkpoint_name: str, stage: stages.Stage
              validate=stage.validation(config, checkpoint_name), workdir=workdir,
              keep=config.train.keep_checkpoints, log_every=config.train.log_every,
              images_per_step=section.batch_size * len(train_splits),
-             train_mode=stage.train_mode, section=name, nonfinite=config.train.nonfinite)
+             train_mode=stage.train_mode, section=name, nonfinite=config.train.nonfinite,
+             after_step=stage.after_step)

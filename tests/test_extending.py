@@ -125,15 +125,19 @@ def test_a_router_registered_outside_the_package_trains_evaluates_and_predicts(
   from moe_jax.models import routers
 
   @routers.register("mean_pool")
-  class MeanPoolRouter(nnx.Module):
+  class MeanPoolRouter(routers.Router):
     """Per-image weights from the features' spatial mean, with a load-balancing loss."""
     unit = "image"
 
     def __init__(self, args: routers.RouterArgs, *, rngs: nnx.Rngs):
       self.out = nnx.Linear(args.in_ch, args.num_experts, rngs=rngs)
 
+    def logits(self, features, *, output_size):
+      return self.out(features.mean(axis=(1, 2)))
+
     def __call__(self, features, *, output_size, key=None):
-      routing = routers.deterministic(self.out(features.mean(axis=(1, 2))), self.unit)
+      routing = routers.deterministic(self.logits(features, output_size=output_size),
+                                      self.unit)
       load = routing.weights.mean(axis=(0, 1))  # [K]
       return routing.replace(aux_losses={"balance": 0.1 * jnp.sum((load - 1 / load.size) ** 2)})
 

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from moe_jax.models import bayesian_routers
 from moe_jax.models.deeplab import DeepLabV3Plus
 from moe_jax.models.moe import MixtureOfExperts, StackedExperts, make_expert
 
@@ -55,11 +56,15 @@ def deep_ensemble(config: ml_collections.ConfigDict) -> StackedExperts:
 
 
 def mixture(config: ml_collections.ConfigDict, stacked_experts: StackedExperts,
-            gate: str) -> MixtureOfExperts:
-  """The MoE: the given experts + a fresh router `gate` (a name in `routers.ROUTERS`) and
-  fusion conv from `config.model`."""
+            gate: str, router: str = "deterministic") -> MixtureOfExperts:
+  """The MoE: the given experts + a fresh router (gate type `gate`, a name in
+  `routers.ROUTERS`, inside Bayesian router `router`, a name in
+  `bayesian_routers.BAYESIAN_ROUTERS`, with config.model.routing's settings) and fusion
+  conv from `config.model`."""
   return MixtureOfExperts(stacked_experts, num_classes=config.data.num_classes,
                           image_size=tuple(config.data.image_size), gate=gate,
+                          router=router,
+                          routing=bayesian_routers.RoutingSettings.from_config(config),
                           fusion_conv=config.model.fusion_conv,
                           gate_hidden=config.model.gate_hidden,
                           rngs=rngs(config, "gate"))

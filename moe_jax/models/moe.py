@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config_checks import ConfigError
-from moe_jax.models import routers
+from moe_jax.models import bayesian_routers, routers
 from moe_jax.models.backbone import conv
 from moe_jax.models.deeplab import DeepLabV3Plus
 
@@ -81,26 +81,34 @@ class MixtureOfExperts(nnx.Module):
   """Stacked experts + a router on their concatenated ASPP features + fusion of their logits.
 
   Call: images float32 [B, H, W, 3] (and an optional routing key) -> dict with
-    "logits" [B, H, W, C] (fused; + a 3x3 conv if `fusion_conv`; with R > 1 routing
-      samples, the log of the mean over samples of each sample's softmax),
+    "logits" [B, H, W, C]: the predictive distribution's log-probabilities up to a
+      constant. Each routing sample r fuses the experts' logits with its weights (+ a 3x3
+      conv if `fusion_conv`); with R > 1 samples the predictive is the mean over samples
+      of each sample's softmax, p(y|x) = (1/R) Σ_r softmax(Σ_k g_rk l_k), and "logits" is
+      its log (R = 1: the fused logits themselves),
+    "sample_logits" [R, B, H, W, C]: each routing sample's fused logits,
     "expert_logits" [K, B, H, W, C],
     "routing": the router's `routers.Routing` (its unit says how to read the weights).
+  The router is gate type `gate` (routers.ROUTERS) inside Bayesian router `router`
+  (bayesian_routers.BAYESIAN_ROUTERS; "deterministic" is the gate itself).
   The experts' outputs reach the router through stop_gradient: the experts are frozen
   while the gate trains, so no gradient is computed through them.
   """
 
   def __init__(self, experts: StackedExperts, *, num_classes: int, image_size: tuple[int, int],
-               gate: str = "simple", fusion_conv: bool = False, gate_hidden: int = 128,
-               rngs: nnx.Rngs):
+               gate: str = "simple", router: str = "deterministic",
+               routing: bayesian_routers.RoutingSettings | None = None,
+               fusion_conv: bool = False, gate_hidden: int = 128, rngs: nnx.Rngs):
     if image_size[0] % 16 or image_size[1] % 16:
       raise ConfigError(f"config key data.image_size={tuple(image_size)} must be multiples of "
                        "16 (the backbone's output stride).")
     self.experts = experts
     k = experts.num
-    self.gate = routers.make(gate, routers.RouterArgs(
+    self.gate = bayesian_routers.make(router, gate, routers.RouterArgs(
         in_ch=k * experts.members.aspp_channels,
         feature_hw=(image_size[0] // 16, image_size[1] // 16), num_experts=k,
-        num_classes=num_classes, hidden=gate_hidden), rngs=rngs)
+        num_classes=num_classes, hidden=gate_hidden),
+        routing or bayesian_routers.RoutingSettings.default(), rngs=rngs)
     self.fusion_conv = conv(num_classes, num_classes, 3, rngs=rngs) if fusion_conv else None
 
   def __call__(self, images: jax.Array, key: jax.Array | None = None) -> dict:
@@ -117,8 +125,8 @@ class MixtureOfExperts(nnx.Module):
     if self.fusion_conv is not None:
       samples = self.fusion_conv(samples.reshape(-1, *samples.shape[2:])).reshape(
           samples.shape)
-    return {"logits": mean_of_samples(samples), "expert_logits": expert_logits,
-            "routing": routing}
+    return {"logits": mean_of_samples(samples), "sample_logits": samples,
+            "expert_logits": expert_logits, "routing": routing}
 
 
 def mean_of_samples(sample_logits: jax.Array) -> jax.Array:

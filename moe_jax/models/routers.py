@@ -20,10 +20,13 @@ Built-in routers:
 - `pixel`: 3x3 conv to `hidden`, ReLU, 1x1 conv to K on the feature map, routing logits
   upsampled bilinearly to the image size.
 
-A new router is a module with a class attribute `unit`, built from `RouterArgs`, returning
-a `Routing` of that unit from `__call__(features, *, output_size, key=None)` and
-registered with `@register("name")`; `--config.model.gates='("name",)'` then trains,
-evaluates and restores it (see docs/architecture.md).
+A new router subclasses `Router`: a class attribute `unit`, built from `RouterArgs`, and
+`logits(features, *, output_size)` -> routing logits [B, ..., K] of that unit; registered
+with `@register("name")`, `--config.model.gates='("name",)'` then trains, evaluates and
+restores it (see docs/architecture.md). A router that is not a softmax of one set of
+logits overrides `__call__(features, *, output_size, key=None) -> Routing`. Every router's
+logits can be wrapped by the Bayesian routers of `moe_jax.models.bayesian_routers`
+(model.routers), which put a distribution on the routing.
 """
 
 from __future__ import annotations
@@ -100,8 +103,28 @@ def make(name: str, args: RouterArgs, *, rngs: nnx.Rngs) -> nnx.Module:
   return get(name)(args, rngs=rngs)
 
 
+class Router(nnx.Module):
+  """What every router has (see the module docstring): `unit`, `logits`, and a call that
+  gives the deterministic `Routing` (R = 1) of its logits."""
+  unit = "image"
+
+  def logits(self, features: jax.Array, *, output_size: tuple[int, int]) -> jax.Array:
+    """Routing logits [B, K], [B, C, K] or [B, H, W, K] (the unit's) from features
+    [B, h, w, F]; output_size (H, W) is the image size (for "pixel")."""
+    raise NotImplementedError
+
+  def __call__(self, features: jax.Array, *, output_size: tuple[int, int],
+               key: jax.Array | None = None) -> Routing:
+    del key
+    return deterministic(self.logits(features, output_size=output_size), self.unit)
+
+  def after_train_step(self, step: int, total_steps: int) -> None:
+    """Called by the gate stage after each optimiser step (1-based); SWAG collects here."""
+    del step, total_steps
+
+
 @register("simple")
-class SimpleRouter(nnx.Module):
+class SimpleRouter(Router):
   """The paper's simple gate. Call: features [B, h, w, F] -> Routing "image" [1, B, K]."""
   unit = "image"
 
@@ -111,20 +134,17 @@ class SimpleRouter(nnx.Module):
     self.hidden = nnx.Linear(h * w, args.hidden, rngs=rngs)
     self.out = nnx.Linear(args.hidden, args.num_experts, rngs=rngs)
 
-  def logits(self, features: jax.Array) -> jax.Array:
+  def logits(self, features: jax.Array, *, output_size: tuple[int, int] | None = None
+             ) -> jax.Array:
     """Routing logits [B, K] (before the softmax)."""
+    del output_size
     x = nnx.relu(self.conv(features))
     x = nnx.relu(self.hidden(x.reshape(x.shape[0], -1)))
     return self.out(x)
 
-  def __call__(self, features: jax.Array, *, output_size: tuple[int, int],
-               key: jax.Array | None = None) -> Routing:
-    del output_size, key
-    return deterministic(self.logits(features), self.unit)
-
 
 @register("classwise")
-class ClasswiseRouter(nnx.Module):
+class ClasswiseRouter(Router):
   """C simple gates with stacked parameters. Call: features [B, h, w, F] -> Routing
   "class" [1, B, C, K]."""
   unit = "class"
@@ -136,20 +156,30 @@ class ClasswiseRouter(nnx.Module):
       return SimpleRouter(args, rngs=rngs)
     self.gates = create(rngs)
 
+  def logits(self, features: jax.Array, *, output_size: tuple[int, int] | None = None
+             ) -> jax.Array:
+    """Routing logits [B, C, K]."""
+    return self._apply(features)[0]
+
   def __call__(self, features: jax.Array, *, output_size: tuple[int, int],
                key: jax.Array | None = None) -> Routing:
     del output_size, key
-
-    @nnx.vmap(in_axes=(0, None), out_axes=1)
-    def apply(gate, x):  # each gate's softmax under the vmap: the paper's C simple gates
-      logits = gate.logits(x)
-      return logits, jax.nn.softmax(logits, axis=-1)
-    logits, weights = apply(self.gates, features)
+    logits, weights = self._apply(features)
     return Routing(weights[None], logits[None], unit=self.unit)
+
+  def _apply(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    graphdef, state = nnx.split(self.gates)
+
+    def apply(gate_state, x):  # each gate's softmax under the vmap: the paper's C gates
+      logits = nnx.merge(graphdef, gate_state).logits(x)
+      return logits, jax.nn.softmax(logits, axis=-1)
+    # jax.vmap over the split state (not nnx.vmap), so that Bayesian routers can sample it
+    # under their own jax.vmap.
+    return jax.vmap(apply, in_axes=(0, None), out_axes=1)(state, features)
 
 
 @register("pixel")
-class PixelRouter(nnx.Module):
+class PixelRouter(Router):
   """Per-pixel weights. Call: features [B, h, w, F] -> Routing "pixel" [1, B, H, W, K]
   (logits from a 3x3 and a 1x1 conv, upsampled bilinearly to output_size (H, W))."""
   unit = "pixel"
@@ -158,13 +188,11 @@ class PixelRouter(nnx.Module):
     self.conv = conv(args.in_ch, args.hidden, 3, bias=True, rngs=rngs)
     self.out = conv(args.hidden, args.num_experts, 1, bias=True, rngs=rngs)
 
-  def __call__(self, features: jax.Array, *, output_size: tuple[int, int],
-               key: jax.Array | None = None) -> Routing:
-    del key
+  def logits(self, features: jax.Array, *, output_size: tuple[int, int]) -> jax.Array:
+    """Routing logits [B, H, W, K] at the image size."""
     logits = self.out(nnx.relu(self.conv(features)))
     b, _, _, k = logits.shape
-    logits = jax.image.resize(logits, (b, *output_size, k), "bilinear")
-    return deterministic(logits, self.unit)
+    return jax.image.resize(logits, (b, *output_size, k), "bilinear")
 
 
 # ------------------------------------------------------------------ reading a Routing
