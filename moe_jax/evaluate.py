@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import corruptions
-from moe_jax import checkpoint, input_pipeline, measures, methods, metrics, stages
+from moe_jax import checkpoint, input_pipeline, measures, methods, metrics, stability, stages
 from moe_jax.config_checks import ConfigError
 from moe_jax.models import build, routers
 
@@ -283,6 +283,47 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
   return flat
 
 
+def routing_stability(config: ml_collections.ConfigDict, moes: tuple[nnx.Module, ...],
+                      names: list[str]) -> dict:
+  """`moe_jax.stability` of every MoE (around the same experts) on the first
+  eval.stability_images images of the ID split (eval.ood_splits[0], else the first test
+  split; a union split gives an equal share to each part), at each σ of
+  eval.stability_noise.
+
+  Returns:
+    {"split", "images", "noise": [σ], "top_k", "methods": {method: {statistic: [mean per
+    σ] or None}}}.
+  """
+  split = (list(config.eval.ood_splits) or list(config.data.test_splits))[0]
+  parts = input_pipeline.split_parts(config.data, split)
+  per_part = -(-config.eval.stability_images // len(parts))
+  noise = tuple(float(sigma) for sigma in config.eval.stability_noise)
+  top_k = config.eval.stability_top_k
+  base, totals, images = build.key(config.seed), None, 0
+  for i, batch in enumerate(input_pipeline.eval_batches(config.data, split,
+                                                        batch_size=config.eval.batch_size,
+                                                        frames_per_part=per_part)):
+    valid = np.any(batch["label"] != input_pipeline.IGNORE_LABEL, axis=(1, 2))
+    part = jax.device_get(stability.sums(moes, batch["image"].astype(np.float32) / 255.0,
+                                         valid, noise, top_k, jax.random.fold_in(base, i)))
+    totals = part if totals is None else jax.tree.map(np.add, totals, part)
+    images += int(valid.sum())
+  return {"split": split, "images": images, "noise": list(noise), "top_k": top_k,
+          "methods": {name: stability.means(totals[j]) for j, name in enumerate(names)}}
+
+
+def print_stability(entry: dict) -> None:
+  """Top-1 agreement and TV distance (%) of each MoE's routing under input noise."""
+  width = max(len(m) for m in entry["methods"]) + 2
+  print(f"routing stability on {entry['split']} ({entry['images']} images): top-1 agreement "
+        "/ total variation (%) at noise σ x pixel std")
+  print("σ".ljust(width) + "".join(f"{s:>14g}" for s in entry["noise"]))
+  for method, values in entry["methods"].items():
+    print(method.ljust(width) + "".join(
+        f"{100 * a:>7.1f}/{100 * t:<6.2f}"
+        for a, t in zip(values["top1_agreement"], values["total_variation"])))
+
+
 def write_results(workdir: str | Path, results: dict) -> Path:
   """Writes `<workdir>/results.json` atomically."""
   return checkpoint.write_json(Path(workdir) / RESULTS_FILE, results)
@@ -409,13 +450,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                              "frames_per_part": config.eval.corruption_frames_per_part,
                              "clean": clean}}
   models = {}
-  for stages, makers, _, _ in runs:
+  for names, makers, _, _ in runs:
     restored = []
-    for stage, make in zip(stages, makers):
-      model, results["checkpoints"][stage] = checkpoint.restore_model(workdir, stage, make)
+    for name, make in zip(names, makers):
+      model, results["checkpoints"][name] = checkpoint.restore_model(workdir, name, make)
       model.eval()
       restored.append(model)
-    models[stages] = tuple(restored)
+    models[names] = tuple(restored)
   # Each disjoint part is evaluated once; a union split (all_test) sums its parts.
   parts = {split: input_pipeline.split_parts(config.data, split)
            for split in config.data.test_splits}
@@ -427,11 +468,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   with tqdm(total=len(reads) * len(runs), desc="evaluate", unit="run", mininterval=1.0,
             dynamic_ncols=True) as bar:
     for read, options in reads.items():
-      for stages, _, outputs, rename in runs:
+      for names, _, outputs, rename in runs:
         batches = input_pipeline.eval_batches(config.data, read.split(":")[0],
                                               batch_size=config.eval.batch_size, **options)
         panel = {} if panel_images and read not in corrupted else None
-        for key, stats in accumulate(outputs, models[stages], batches, config.data.num_classes,
+        for key, stats in accumulate(outputs, models[names], batches, config.data.num_classes,
                                      uncertainty=True, seed=config.seed,
                                      panel_images=panel_images,
                                      patch_size=config.eval.patch_size, panels=panel).items():
@@ -452,6 +493,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     for (split, method), stats in totals.items():
       if split == out_split and (in_split, method) in totals:
         results["ood"][method] = ood_detection(totals[(in_split, method)], stats)
+  gates = stages.STAGES["gate"].checkpoints(config)
+  if config.eval.stability_images and gates in models:
+    results["routing_stability"] = routing_stability(
+        config, models[gates], [stages.moe_method(*pair) for pair in stages.gate_routers(config)])
+    print_stability(results["routing_stability"])
   _write_arrays(Path(workdir) / HISTOGRAMS_FILE,
                 {f"{split}/{method}/{name}": value for (split, method), stats in totals.items()
                  for name, value in stats.items()})

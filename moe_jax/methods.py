@@ -115,8 +115,8 @@ def mixture_outputs(out: dict, *, members: str = "weighted", ev_at: str = "sampl
         "expert_variance", uncertainty.expert_variance_of(moments, fused["prediction"]),
         num_classes)
   outputs = {"moe": {**fused, **{name: sample[name] for name in measures.of_source("members")},
-                     **measures.routing_maps(out["routing"], fused["prediction"], num_classes,
-                                             num_experts),
+                     **measures.routing_maps(measures.Routed(
+                         out["routing"], fused["prediction"], expert_probs)),
                      "routing": used}}
   if not experts:
     return outputs

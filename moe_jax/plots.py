@@ -519,6 +519,34 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
     return dict(data)
 
 
+# ------------------------------------------------------------------ routing stability
+
+def routing_stability(results: dict, path: Path) -> Path:
+  """Top-1 expert agreement and total-variation distance of each MoE's expected routing
+  between clean and noisy inputs, against the noise σ (× the image's pixel std)."""
+  entry = results["routing_stability"]
+  colors = _colors(results)
+  noise = _floats(entry["noise"])
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2)
+  titles = {"top1_agreement": "top-1 expert agreement (higher = more stable)",
+            "total_variation": "total variation ½‖ḡ(x) − ḡ(x+δ)‖₁ (lower = more stable)"}
+  for ax, (name, title) in zip(axes, titles.items()):
+    for method, values in entry["methods"].items():
+      kind = (results.get("routers") or {}).get(method, {}).get("router", "deterministic")
+      ax.plot(noise, _floats(values[name]), marker="o", label=method,
+              ls="--" if kind == "deterministic" else "-", **_line_style(method, colors))
+    ax.set_xscale("log")
+    ax.set_xlabel("input noise σ (× pixel std)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"Routing stability on {entry['split']} ({entry['images']} images; dashed: "
+               "deterministic routers)", fontsize=11)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def _plotted_splits(results: dict) -> list[str]:
   """The first clean split and the OOD pair's splits."""
   clean = [s for s in results["splits"] if not _is_corrupted(s)]
@@ -545,6 +573,8 @@ def _jobs(results: dict, histograms: Arrays, panels: Arrays
   if any(_stored_methods(histograms, s, "gate_histogram")
          for s in results["splits"] if not _is_corrupted(s)):
     yield "gate_weights.png", functools.partial(gate_weights, results, histograms)
+  if results.get("routing_stability"):
+    yield "routing_stability.png", functools.partial(routing_stability, results)
   for split in dict.fromkeys(key.split("/")[0] for key in panels):
     if _is_corrupted(split) or f"{split}/image" not in panels:
       continue

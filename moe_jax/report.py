@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_jax import checkpoint, evaluate, plots
+from moe_jax import checkpoint, evaluate, plots, routing_report
 from moe_jax.measures import MEASURES
 from moe_jax.plots import method_rank
 
@@ -177,6 +177,7 @@ def write(workdir: str | Path) -> Path:
                     for m in MEASURES] for method, o in sorted(results["ood"].items(),
                                                 key=lambda item: method_rank(item[0]))])
   lines += corruption_lines(results)
+  lines += [""] + routing_report.lines(results)
   lines += [""] + claims(results, in_split, ood_split)
   figures = plots.write_all(workdir)
   if figures:

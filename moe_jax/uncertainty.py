@@ -9,6 +9,10 @@ omitted; normalised over S here). Raw values are in nats:
   expert variance     EV = sqrt(Σ_s w_s (p_s[ĉ] − p̄[ĉ])²),  ĉ = argmax p̄
   gate entropy        GE = −Σ_k g_k log g_k   (moe_jax.models.routers.gate_entropy_map)
 
+With R routing samples g^(r) of a Bayesian router (`routing_decomposition`), the MoE's
+gate-weighted predictive entropy splits into three parts, each ≥ 0 (§D.1.3 of the notes):
+  H(Σ_k ḡ_k p_k) = routing-epistemic + expert-disagreement + aleatoric.
+
 `moe_jax.measures` maps them to [0, 1] (PE/log C, MI/log C, EV/0.5, the largest standard
 deviation of values in [0, 1], GE/log K). 0·log 0 = 0, so probabilities of exactly 0 and 1
 are fine.
@@ -165,3 +169,34 @@ def scan_members(member_probs, num_members: int, weights: jax.Array | None = Non
 
   m, _ = jax.lax.scan(body, start, jnp.arange(1, num_members))
   return m
+
+
+def routing_decomposition(probs: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """The three-way split of the predictive entropy of experts mixed by R routing samples.
+
+  Args:
+    probs: experts' probabilities p_k [K, ..., C].
+    weights: routing samples' expert weights g^(r) [R, K, ...] (broadcastable to
+      probs[..., 0]; each sums to 1 over K).
+
+  Returns:
+    Raw maps [...] in nats, with p̄ = Σ_k ḡ_k p_k, ḡ = mean_r g^(r), q_r = Σ_k g^(r)_k p_k:
+      "total"                H(p̄)
+      "routing_epistemic"    H(p̄) − mean_r H(q_r)                  (≥ 0, Jensen)
+      "expert_disagreement"  mean_r [H(q_r) − Σ_k g^(r)_k H(p_k)]  (≥ 0)
+      "aleatoric"            Σ_k ḡ_k H(p_k)
+    The last three sum to "total" (to rounding; a rounding-negative part is clipped to 0).
+    Samples are mixed one at a time (lax.map), so memory holds one mixture, not R.
+  """
+  probs = probs.astype(jnp.float32)
+  weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32),
+                             (weights.shape[0], *probs.shape[:-1]))
+  mean_weights = jnp.mean(weights, axis=0)
+  mix = lambda w: sum_members(w[..., None] * probs)
+  total = entropy(mix(mean_weights))
+  aleatoric = sum_members(mean_weights * entropy(probs))
+  sample_entropy = jnp.mean(jax.lax.map(lambda w: entropy(mix(w)), weights), axis=0)
+  return {"total": total,
+          "routing_epistemic": jnp.maximum(total - sample_entropy, 0.0),
+          "expert_disagreement": jnp.maximum(sample_entropy - aleatoric, 0.0),
+          "aleatoric": aleatoric}

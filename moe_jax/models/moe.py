@@ -118,15 +118,20 @@ class MixtureOfExperts(nnx.Module):
               key: jax.Array | None = None) -> dict:
     """The router and the fusion on the experts' outputs (logits [K,B,H,W,C], aspp
     [K,B,H/16,W/16,A]), however they were computed; returns what `__call__` does."""
-    k, b, h, w, a = aspp.shape
-    features = aspp.transpose(1, 2, 3, 0, 4).reshape(b, h, w, k * a)  # expert-major channels
-    routing = self.gate(features, output_size=expert_logits.shape[2:4], key=key)
+    routing = self.route(expert_logits, aspp, key=key)
     samples = routers.fuse(expert_logits, routing)  # [R, B, H, W, C]
     if self.fusion_conv is not None:
       samples = self.fusion_conv(samples.reshape(-1, *samples.shape[2:])).reshape(
           samples.shape)
     return {"logits": mean_of_samples(samples), "sample_logits": samples,
             "expert_logits": expert_logits, "routing": routing}
+
+  def route(self, expert_logits: jax.Array, aspp: jax.Array,
+            key: jax.Array | None = None) -> routers.Routing:
+    """The router alone on the experts' outputs (see `combine`)."""
+    k, b, h, w, a = aspp.shape
+    features = aspp.transpose(1, 2, 3, 0, 4).reshape(b, h, w, k * a)  # expert-major channels
+    return self.gate(features, output_size=expert_logits.shape[2:4], key=key)
 
 
 def mean_of_samples(sample_logits: jax.Array) -> jax.Array:

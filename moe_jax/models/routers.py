@@ -251,6 +251,34 @@ def member_weights(routing: Routing) -> jax.Array:
   raise ValueError("member_weights takes an 'image' or 'pixel' routing (see at_prediction)")
 
 
+def sample_member_weights(routing: Routing) -> jax.Array:
+  """Each routing sample's weights of an "image" or "pixel" routing as member weights
+  broadcastable to members' probabilities [K, B, H, W]: [R, K, B, 1, 1] or [R, K, B, H, W]."""
+  if routing.unit == "image":
+    return jnp.moveaxis(routing.weights, -1, 1)[..., None, None]
+  if routing.unit == "pixel":
+    return jnp.moveaxis(routing.weights, -1, 1)
+  raise ValueError("sample_member_weights takes an 'image' or 'pixel' routing (see "
+                   "at_prediction)")
+
+
+def _per_pixel(routing: Routing, values: jax.Array, prediction: jax.Array) -> jax.Array:
+  """A value per routing unit of an at_prediction routing [B] or [B, H, W] -> [B, H, W]."""
+  if routing.unit == "image":
+    return jnp.broadcast_to(values[:, None, None], prediction.shape)
+  return values
+
+
+def routing_mutual_information_map(routing: Routing, prediction: jax.Array) -> jax.Array:
+  """Per-pixel mutual information between the routing sample and the expert choice,
+  H(ḡ) − mean_r H(g^(r)) (nats, ≥ 0; 0 for R = 1) of the weights each pixel was routed
+  with: [B, H, W]."""
+  routing = at_prediction(routing, prediction)
+  mean_entropy = jnp.mean(uncertainty.entropy(routing.weights), axis=0)
+  values = jnp.maximum(uncertainty.entropy(expected_weights(routing)) - mean_entropy, 0.0)
+  return _per_pixel(routing, values, prediction)
+
+
 def gate_entropy_map(routing: Routing, prediction: jax.Array) -> jax.Array:
   """Per-pixel entropy (nats) of the expected weights each pixel was routed with: [B, H, W].
 
@@ -258,10 +286,7 @@ def gate_entropy_map(routing: Routing, prediction: jax.Array) -> jax.Array:
   pixel's predicted class; "pixel": the pixel's own.
   """
   routing = at_prediction(routing, prediction)
-  entropy = uncertainty.entropy(expected_weights(routing))
-  if routing.unit == "image":
-    return jnp.broadcast_to(entropy[:, None, None], prediction.shape)
-  return entropy
+  return _per_pixel(routing, uncertainty.entropy(expected_weights(routing)), prediction)
 
 
 def resized(routing: Routing, size: tuple[int, int]) -> Routing:
