@@ -35,7 +35,7 @@ import numpy as np
 
 from benchmarks import input_pipeline as pipeline_benchmark
 from moe_jax import losses, measures, methods, train, uncertainty
-from moe_jax.models import build
+from moe_jax.models import bayesian_routers, build
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/a2d2.py:synthetic.", lock_config=True)
@@ -45,6 +45,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype of weights and images (bfloat16 for GPU/TPU).")
 _EXPERTS = flags.DEFINE_list("experts", ["2", "4", "8"], "Numbers of experts K.")
 _PASSES = flags.DEFINE_list("passes", ["2", "10", "20"], "MC-dropout passes T.")
+_ROUTERS = flags.DEFINE_list("routers", list(bayesian_routers.BAYESIAN_ROUTERS)[1:],
+                             "Bayesian routers timed around the K=2 simple-gate MoE.")
+_SAMPLES = flags.DEFINE_list("samples", ["1", "4", "16"],
+                             "Routing samples S of the router rows (der: its M routers).")
 _CACHE = flags.DEFINE_string("cache", str(Path(tempfile.gettempdir()) / "moe_jax_bench"),
                              "Generated frames and shards for the input-pipeline row.")
 flags.mark_flags_as_required(["config"])
@@ -106,14 +110,20 @@ def single_program(config, images, dtype) -> Program:
 
 
 def moe_program(config, images, dtype, *, experts: int, uncertainty_maps: bool,
-                stacked: bool) -> Program:
-  """The simple-gate MoE: prediction, and with uncertainty_maps its PE, MI, EV and GE.
+                stacked: bool, router: str = "deterministic", samples: int = 1) -> Program:
+  """The simple-gate MoE: prediction, and with uncertainty_maps every measure's map.
 
   stacked: one program over the stacked experts (config.model.expert_execution); else a
   Python loop calling one separately compiled expert program K times, then a compiled
-  gate + fusion (+ maps) program.
+  gate + fusion (+ maps) program. router, samples: the Bayesian router around the gate
+  and its S routing samples (der: M = samples routers), as evaluation runs it.
   """
-  moe = in_dtype(build.mixture(config, build.experts(config, experts), "simple"), dtype)
+  config = config.copy_and_resolve_references()
+  config.eval.routing_samples = samples
+  config.model.routing.ensemble = samples
+  moe = in_dtype(build.mixture(config, build.experts(config, experts), "simple", router),
+                 dtype)
+  key = build.key(0)
 
   def finish(out):
     if uncertainty_maps:
@@ -121,7 +131,7 @@ def moe_program(config, images, dtype, *, experts: int, uncertainty_maps: bool,
     return jnp.argmax(out["logits"], -1)
 
   if stacked:
-    return module_program(moe, lambda m, x: finish(m(x)), images)
+    return module_program(moe, lambda m, x, k: finish(m(x, k)), images, key)
   graphdef, state = nnx.split(moe.experts.members)
   members = [jax.tree.map(lambda a, k=k: a[k], state) for k in range(experts)]
   expert, expert_seconds, expert_flops = compile_program(
@@ -129,13 +139,13 @@ def moe_program(config, images, dtype, *, experts: int, uncertainty_maps: bool,
   outs = [expert(s, images) for s in members]
   moe_graphdef, moe_state = nnx.split(moe)
   head, head_seconds, head_flops = compile_program(
-      lambda s, logits, aspp: finish(nnx.merge(moe_graphdef, s).combine(
-          jnp.stack(logits), jnp.stack(aspp))),
-      moe_state, [o[0] for o in outs], [o[1] for o in outs])
+      lambda s, logits, aspp, k: finish(nnx.merge(moe_graphdef, s).combine(
+          jnp.stack(logits), jnp.stack(aspp), key=k)),
+      moe_state, [o[0] for o in outs], [o[1] for o in outs], key)
 
   def call():
     outs = [expert(s, images) for s in members]
-    return head(moe_state, [o[0] for o in outs], [o[1] for o in outs])
+    return head(moe_state, [o[0] for o in outs], [o[1] for o in outs], key)
   return Program(call, expert_seconds + head_seconds, experts * expert_flops + head_flops)
 
 
@@ -167,7 +177,8 @@ def mc_dropout_program(config, images, dtype, *, passes: int, shared_encoder: bo
   return dataclasses.replace(program, flops=unscanned.flops)
 
 
-def row_cases(experts: list[int], passes: list[int]) -> list[tuple[dict, Callable]]:
+def row_cases(experts: list[int], passes: list[int], routers: list[str] = (),
+              samples: list[int] = ()) -> list[tuple[dict, Callable]]:
   """(row keys, program builder(config, images, dtype)) for every row, in table order."""
   cases = [({"method": "single"}, single_program)]
   for k in experts:
@@ -177,6 +188,13 @@ def row_cases(experts: list[int], passes: list[int]) -> list[tuple[dict, Callabl
                        "stacked": stacked},
                       lambda c, x, d, k=k, s=stacked, u=maps_on: moe_program(
                           c, x, d, experts=k, uncertainty_maps=u, stacked=s)))
+  for router in routers:
+    for count in samples:
+      cases.append(({"method": "moe", "experts": 2, "uncertainty": True, "stacked": True,
+                     "router": router, "samples": count},
+                    lambda c, x, d, r=router, n=count: moe_program(
+                        c, x, d, experts=2, uncertainty_maps=True, stacked=True, router=r,
+                        samples=n)))
   for k in experts:
     cases.append(({"method": "ensemble", "experts": k, "uncertainty": True},
                   lambda c, x, d, k=k: ensemble_program(c, x, d, experts=k)))
@@ -275,8 +293,11 @@ class Goal:
   value: Callable[[dict[str, float], dict[str, float]], float]
 
 
-def goal_specs(experts: list[int], passes: list[int]) -> list[Goal]:
-  """The issue's five goals, those whose rows are among the measured K and T."""
+def goal_specs(experts: list[int], passes: list[int], routers: list[str] = (),
+               samples: list[int] = ()) -> list[Goal]:
+  """The throughput issue's five goals, those whose rows are among the measured K and T,
+  and per Bayesian router at its largest S: its added time over the deterministic MoE's
+  forward plus maps (< 5%)."""
   moe = lambda k, maps, stacked=True: dict(method="moe", experts=k, uncertainty=maps,
                                           stacked=stacked)
   specs = [
@@ -297,6 +318,12 @@ def goal_specs(experts: list[int], passes: list[int]) -> list[Goal]:
            {"maps": moe(2, True), "peak": dict(method="peak")},
            lambda ms, flops: (flops["maps"] / ms["maps"]) / (flops["peak"] / ms["peak"])),
   ]
+  if samples:
+    specs += [Goal(f"router_{router}_S{max(samples)}_overhead_K2", 0.05, False,
+                   {"router": dict(moe(2, True), router=router, samples=max(samples)),
+                    "deterministic": moe(2, True)},
+                   lambda ms, flops: ms["router"] / ms["deterministic"] - 1.0)
+              for router in routers]
   have = lambda keys: keys.get("method") == "peak" or (
       keys.get("experts", 2) in experts and keys.get("passes", 10) in passes)
   # One K measures no growth.
@@ -326,7 +353,8 @@ def goals(specs: list[Goal], programs: dict[tuple, Program], peak: Program, *, w
   return found
 
 
-COLUMNS = ("method", "experts", "passes", "uncertainty", "stacked", "shared_encoder")
+COLUMNS = ("method", "experts", "passes", "uncertainty", "stacked", "shared_encoder", "router",
+           "samples")
 
 
 def markdown(bench: dict) -> str:
@@ -362,7 +390,8 @@ def markdown(bench: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, *, quick: bool, dtype_name: str,
-        experts: list[int], passes: list[int]) -> dict:
+        experts: list[int], passes: list[int], routers: list[str] = (),
+        samples: list[int] = ()) -> dict:
   """Every row, the peak, the goals and the input-pipeline rates as one dict."""
   dtype = jnp.dtype(dtype_name)
   warmup, repetitions = (1, 3) if quick else (2, 10)
@@ -379,17 +408,18 @@ def run(config: ml_collections.ConfigDict, *, quick: bool, dtype_name: str,
   peak, bench["matmul_size"] = peak_program(dtype)
   peak_seconds = time_calls({"peak": peak.call}, warmup=2, repetitions=repetitions)["peak"]
   bench["peak_gflops"] = peak.flops / min(peak_seconds) / 1e9
-  specs = goal_specs(experts, passes)
+  specs = goal_specs(experts, passes, routers, samples)
   wanted = [keys for g in specs for keys in g.rows.values() if keys["method"] != "peak"]
   rows, programs = [], {}
-  cases = row_cases(experts, passes)
+  cases = row_cases(experts, passes, routers, samples)
   for i, (keys, make) in enumerate(cases, 1):
     program = make(config, images, dtype)
     row = measure_row(keys, program, batch, bench["peak_gflops"], warmup=warmup,
                       repetitions=repetitions)
     rows.append(row)
     for goal_keys in wanted:  # timed again, interleaved, for the goals
-      if all(keys.get(k) == v for k, v in goal_keys.items()):
+      if all(keys.get(k) == v for k, v in goal_keys.items()) and \
+          keys.get("router") == goal_keys.get("router"):
         programs[row_key(goal_keys)] = program
     print(f"[{i}/{len(cases)}] " + ", ".join(f"{k}={v}" for k, v in keys.items()) +
           f": {row['images_per_sec']:.1f} images/s, {100 * row['fraction_of_peak']:.1f}% "
@@ -405,7 +435,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   bench = run(_CONFIG.value, quick=_QUICK.value, dtype_name=_DTYPE.value,
-              experts=[int(k) for k in _EXPERTS.value], passes=[int(t) for t in _PASSES.value])
+              experts=[int(k) for k in _EXPERTS.value], passes=[int(t) for t in _PASSES.value],
+              routers=_ROUTERS.value, samples=[int(s) for s in _SAMPLES.value])
   out = Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(bench, indent=1))
