@@ -404,9 +404,10 @@ class TemperatureRouter(BayesianRouter):
     self.steps = TrainingSteps(jnp.zeros((), jnp.int32))
 
   def log_temperature_posterior(self, features, *, output_size) -> tuple[jax.Array, jax.Array]:
-    """(m, std) of log T, each [B, ...] (one per routing unit)."""
+    """(m, std) of log T, each [B, ...] (one per routing unit); the head's second output is
+    log v = 2 log std, and log std is clipped like the variational routers' log σ."""
     out = self.temperature.logits(features, output_size=output_size)
-    return out[..., 0], jnp.exp(0.5 * jnp.clip(out[..., 1], *LOG_SIGMA_RANGE))
+    return out[..., 0], jnp.exp(jnp.clip(0.5 * out[..., 1], *LOG_SIGMA_RANGE))
 
   def sample(self, features, *, output_size, key, training):
     logits = self.logits(features, output_size=output_size)
