@@ -143,6 +143,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                             ("deterministic", "mcdr", "mfvr", "der"))
     config.model.bayesian_gates = ("simple",)
     config.eval.stability_images = 4 if small else 16
+    # S = 4 routing samples in the demo: each sample's fused softmax and the routing
+    # decomposition's entropies cost S x C transcendentals per pixel, which on a CPU with
+    # the demo's small experts is as much as the experts themselves at S = 16
+    # (docs/bayesian_routing.md#cost).
+    config.eval.routing_samples = 2 if small else 4
     config.model.backbone = "resnet18"
     config.model.width = 0.125 if small else 0.5
     config.model.aspp_channels = 16 if small else 64

@@ -536,3 +536,37 @@ def test_every_gate_and_router_builds_trains_and_routes(every_pair, gate, router
   unit = tuple(config().data.num_classes if a == "C" else a for a in UNIT_AXES[gate])
   assert routing.weights.shape == routing.logits.shape == (r, 2, *unit, 2)
   assert set(routing.aux_losses) == ({"kl"} if router in ("mfvr", "fcvr", "vtsr") else set())
+
+
+# ------------------------------------------- 10. evaluation: one compile, the measures
+
+def test_evaluation_of_sampled_routers_compiles_once_and_decomposes_pe(experts,
+                                                                      expert_outputs):
+  """Every router around the same experts in one evaluation call: the sample axis is
+  static, so 3 batches compile once; the same seed gives the same statistics; each MoE's
+  routing-epistemic + expert-disagreement + aleatoric maps sum to its PE (gate-weighted
+  members), and a deterministic router has no routing-epistemic uncertainty."""
+  from moe_jax import evaluate, methods
+  moes = tuple(mixture(experts, expert_outputs, "simple", r)
+               for r in ("deterministic", "mfvr", "der"))
+  outputs = methods.mixtures_with("weighted")
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.integers(0, 255, (2, H, W, 3), np.uint8),
+              "label": rng.integers(0, 38, (2, H, W), np.uint8)} for _ in range(3)]
+  compiled = evaluate.batch_statistics.jitted_fn._cache_size
+  before = compiled()
+  first = evaluate.accumulate(outputs, moes, batches, 38, uncertainty=True, seed=0)
+  assert compiled() - before == 1
+  again = evaluate.accumulate(outputs, moes, batches, 38, uncertainty=True, seed=0)
+  for method in ("moe_0", "moe_1", "moe_2"):
+    for name, value in first[method].items():
+      np.testing.assert_array_equal(value, again[method][name], err_msg=f"{method} {name}")
+  out = jax.jit(lambda images, key: outputs(moes, images, key))(
+      jnp.zeros((2, H, W, 3)), jax.random.key(0))
+  for method in ("moe_0", "moe_1", "moe_2"):
+    parts = sum(out[method][m] for m in ("routing_epistemic", "expert_disagreement",
+                                         "aleatoric"))
+    np.testing.assert_allclose(parts, out[method]["predictive_entropy"], atol=2e-6)
+  assert float(jnp.max(out["moe_0"]["routing_epistemic"])) == 0.0
+  assert float(jnp.max(out["moe_0"]["routing_mutual_information"])) == 0.0
+  assert float(jnp.max(out["moe_1"]["routing_epistemic"])) > 0.0

@@ -18,7 +18,7 @@ with R routing samples. The experts run once; only the router is sampled.
   vtsr           selection  log T ~ N(m, v); softmax((l + G) / T)      1 sample + β·KL  S samples
 
 The predictive distribution of the MoE is the mean over the R samples of each sample's
-fused prediction, p(y|x) = (1/R) Σ_r softmax(Σ_k g_rk l_k(x)) (`moe.mean_of_samples`);
+fused prediction, p(y|x) = (1/R) Σ_r softmax(Σ_k g_rk l_k(x)) (`moe.predictive_logits`);
 in training the loss is the mean over the samples of each sample's cross-entropy (one
 sample, or the M members of `der`), plus β·KL for the variational routers.
 

@@ -119,11 +119,14 @@ class MixtureOfExperts(nnx.Module):
     """The router and the fusion on the experts' outputs (logits [K,B,H,W,C], aspp
     [K,B,H/16,W/16,A]), however they were computed; returns what `__call__` does."""
     routing = self.route(expert_logits, aspp, key=key)
-    samples = routers.fuse(expert_logits, routing)  # [R, B, H, W, C]
-    if self.fusion_conv is not None:
-      samples = self.fusion_conv(samples.reshape(-1, *samples.shape[2:])).reshape(
-          samples.shape)
-    return {"logits": mean_of_samples(samples), "sample_logits": samples,
+
+    def sample_logits(weights):  # one routing sample's fused logits [B, H, W, C]
+      logits = routers.fuse_sample(expert_logits, weights, routing.unit)
+      return logits if self.fusion_conv is None else self.fusion_conv(logits)
+    # Under jit only what the caller reads is computed: the loss reads "sample_logits",
+    # evaluation "logits", which streams the samples (memory for one, not R).
+    return {"logits": predictive_logits(sample_logits, routing.weights),
+            "sample_logits": jnp.stack([sample_logits(w) for w in routing.weights]),
             "expert_logits": expert_logits, "routing": routing}
 
   def route(self, expert_logits: jax.Array, aspp: jax.Array,
@@ -134,10 +137,24 @@ class MixtureOfExperts(nnx.Module):
     return self.gate(features, output_size=expert_logits.shape[2:4], key=key)
 
 
-def mean_of_samples(sample_logits: jax.Array) -> jax.Array:
-  """Logits [R, ...] of R routing samples -> logits [...] of the mean of their softmaxes
-  (log of the mean; R = 1 gives the sample's own logits)."""
-  if sample_logits.shape[0] == 1:
-    return sample_logits[0]
-  log_probs = jax.nn.log_softmax(sample_logits.astype(jnp.float32), axis=-1)
-  return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(sample_logits.shape[0])
+def predictive_logits(sample_logits: Callable[[jax.Array], jax.Array],
+                      weights: jax.Array) -> jax.Array:
+  """log p(y|x) of R routing samples, p = (1/R) Σ_r softmax(sample_logits(weights[r])).
+
+  Args:
+    sample_logits: one sample's weights -> its fused logits [B, H, W, C].
+    weights: the routing samples' weights [R, ...].
+
+  Returns:
+    [B, H, W, C]: R = 1 gives the sample's own logits; otherwise log p (≥ log of the
+    smallest normal float32), the samples' softmaxes summed one at a time under lax.scan.
+  """
+  if weights.shape[0] == 1:
+    return sample_logits(weights[0])
+
+  def add(total, w):
+    return total + jax.nn.softmax(sample_logits(w).astype(jnp.float32), axis=-1), None
+  first = jax.nn.softmax(sample_logits(weights[0]).astype(jnp.float32), axis=-1)
+  total, _ = jax.lax.scan(add, first, weights[1:])
+  tiny = jnp.finfo(jnp.float32).tiny
+  return jnp.log(jnp.maximum(total / weights.shape[0], tiny))

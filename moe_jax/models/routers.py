@@ -197,27 +197,32 @@ class PixelRouter(Router):
 
 # ------------------------------------------------------------------ reading a Routing
 
-def fuse(expert_logits: jax.Array, routing: Routing) -> jax.Array:
-  """Weighted sum of expert logits per routing sample, as in the paper (fusion on logits,
+def fuse_sample(expert_logits: jax.Array, weights: jax.Array, unit: str) -> jax.Array:
+  """One routing sample's weighted sum of expert logits, as in the paper (fusion on logits,
   not probabilities).
 
   Args:
     expert_logits: [K, B, H, W, C].
-    routing: any unit.
+    weights: one sample's weights of `unit`: [B, K], [B, C, K] or [B, H, W, K].
+    unit: "image", "class" or "pixel".
 
   Returns:
-    [R, B, H, W, C].
+    [B, H, W, C].
   """
-  def one(weights):  # weights of one sample -> [K, B, H|1, W|1, C|1]
-    if routing.unit == "image":
-      per_pixel = weights.T[:, :, None, None, None]
-    elif routing.unit == "class":
-      per_pixel = jnp.moveaxis(weights, -1, 0)[:, :, None, None, :]
-    else:
-      per_pixel = jnp.moveaxis(weights, -1, 0)[..., None]
-    # Summed slice by slice (see uncertainty.sum_members).
-    return uncertainty.sum_members(expert_logits * per_pixel)
-  return jnp.stack([one(weights) for weights in routing.weights])  # R is small and static
+  if unit == "image":
+    per_pixel = weights.T[:, :, None, None, None]
+  elif unit == "class":
+    per_pixel = jnp.moveaxis(weights, -1, 0)[:, :, None, None, :]
+  else:
+    per_pixel = jnp.moveaxis(weights, -1, 0)[..., None]
+  # Summed slice by slice (see uncertainty.sum_members).
+  return uncertainty.sum_members(expert_logits * per_pixel)
+
+
+def fuse(expert_logits: jax.Array, routing: Routing) -> jax.Array:
+  """`fuse_sample` of every routing sample: expert_logits [K, B, H, W, C] -> [R, B, H, W, C]."""
+  return jnp.stack([fuse_sample(expert_logits, weights, routing.unit)
+                    for weights in routing.weights])  # R is small and static
 
 
 def at_prediction(routing: Routing, prediction: jax.Array) -> Routing:
