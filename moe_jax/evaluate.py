@@ -320,7 +320,7 @@ def print_stability(entry: dict) -> None:
   print("σ".ljust(width) + "".join(f"{s:>14g}" for s in entry["noise"]))
   for method, values in entry["methods"].items():
     print(method.ljust(width) + "".join(
-        f"{100 * a:>7.1f}/{100 * t:<6.2f}"
+        f"{100 * a:>7.1f}/{100 * t:<6.2g}"
         for a, t in zip(values["top1_agreement"], values["total_variation"])))
 
 

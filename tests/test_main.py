@@ -8,15 +8,19 @@ import numpy as np
 import pytest
 
 METHODS = {"expert_highway", "expert_urban", "ensemble", "moe_simple", "moe_classwise",
-           "baseline", "deep_ensemble", "mc_dropout_2"}
+           "moe_simple_mfvr", "baseline", "deep_ensemble", "mc_dropout_2"}
 MEASURES = {"predictive_entropy", "mutual_information", "expert_variance", "gate_entropy"}
+# Every MoE's, from its routing samples (the smoke preset: mfvr around the simple gate).
+ROUTING_MEASURES = {"routing_mutual_information", "routing_epistemic", "expert_disagreement",
+                    "aleatoric"}
 DEEP_ENSEMBLE = ("--config.model.deep_ensemble_members=2",)
 TEST_SPLITS = {"highway_test", "urban_test", "all_test", "ambiguous_test"}
 # The smoke preset: 2 corruptions at severities 1 and 5 of 2 frames per part, and those
 # frames clean.
 CORRUPTED_SPLITS = {"all_test:clean:0", "all_test:gaussian_noise:1", "all_test:gaussian_noise:5",
                     "all_test:fog:1", "all_test:fog:5"}
-TRAINED = ("experts", "baseline", "deep_ensemble", "gate_simple", "gate_classwise")
+TRAINED = ("experts", "baseline", "deep_ensemble", "gate_simple", "gate_simple_mfvr",
+           "gate_classwise")
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +56,15 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
     assert set(methods) == METHODS, split
     for entry in methods.values():
       assert 0.0 <= entry["miou"] <= 1.0 and len(entry["iou_per_class"]) == 38
-  assert set(results["checkpoints"]) == {"gate_simple", "gate_classwise", "baseline",
-                                         "deep_ensemble"}
+  assert set(results["checkpoints"]) == {"gate_simple", "gate_simple_mfvr", "gate_classwise",
+                                         "baseline", "deep_ensemble"}
   assert len(results["thresholds"]) == 50 and results["thresholds"][0] == 0.01
   for moe in ("moe_simple", "moe_classwise"):
     for measure, entry in results["splits"]["ambiguous_test"][moe]["uncertainty"].items():
       assert len(entry["pavpu"]) == 50, measure
       assert 0 <= entry["auroc_misclassification"] <= 1 and 0 <= entry["ece"] <= 1, measure
-    assert set(results["splits"]["ambiguous_test"][moe]["uncertainty"]) == MEASURES
+    assert set(results["splits"]["ambiguous_test"][moe]["uncertainty"]) == \
+        MEASURES | ROUTING_MEASURES
   entry = results["splits"]["all_test"]["moe_simple"]["uncertainty"]["mutual_information"]
   for variant in ("per_image", "patch"):  # the reference's per-image mean; 4x4 patches
     assert set(entry[variant]) == {"p_accurate_given_certain", "p_uncertain_given_inaccurate",
@@ -70,7 +75,14 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
   assert set(results["splits"]["all_test"]["baseline"]["uncertainty"]) == {"predictive_entropy"}
   assert set(results["splits"]["all_test"]["mc_dropout_2"]["uncertainty"]) == \
       MEASURES - {"gate_entropy"}
-  assert set(results["ood"]["moe_classwise"]) == MEASURES
+  assert set(results["ood"]["moe_classwise"]) == MEASURES | ROUTING_MEASURES
+  stability = results["routing_stability"]
+  assert stability["split"] == "all_test" and stability["images"] == 4
+  assert set(stability["methods"]) == {"moe_simple", "moe_simple_mfvr", "moe_classwise"}
+  for values in stability["methods"].values():
+    assert len(values["top1_agreement"]) == 5 and values["jaccard"] is None  # K = 2
+    assert all(0 <= a <= 1 for a in values["top1_agreement"] + values["total_variation"])
+  assert results["routers"]["moe_simple_mfvr"] == {"gate": "simple", "router": "mfvr"}
   with np.load(workdir / "histograms.npz") as histograms:  # plain arrays, no pickle
     assert histograms["all_test/moe_simple/histogram/gate_entropy"].shape == (2, 1000)
     # The simple gate counts images (4 + 4 in all_test), the classwise one pixels.
@@ -85,12 +97,15 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
     assert "all_test/image" not in panels  # a union split's frames are its parts'
   report = (workdir / "report.md").read_text()
   for figure in ("conditional_correctness_all_test", "reliability_ambiguous_test", "ood_roc",
-                 "corruption_severity", "gate_weights", "panel_moe_classwise_urban_test"):
+                 "corruption_severity", "gate_weights", "panel_moe_classwise_urban_test",
+                 "routing_stability"):
     assert (workdir / "plots" / f"{figure}.png").is_file(), figure
     assert f"](plots/{figure}.png)" in report, figure
   assert "## mIoU (%)" in report and "## OOD detection" in report
   assert "1. **MoE vs ensemble under OOD** (`ambiguous_test`" in report
   assert "2. **Simple vs classwise gate-entropy calibration** (ECE" in report
+  assert "## Bayesian routing" in report and "| `moe_simple_mfvr` | mfvr |" in report
+  assert "1. **Routing stability up**" in report
   miou = results["splits"]["urban_test"]["moe_simple"]["miou"]
   assert "| moe_simple | " in report and f"{100 * miou:.1f}" in report
   assert len(results["class_names"]) == 38
