@@ -148,24 +148,20 @@ def test_classwise_gate_is_c_independent_simple_gates():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_fuse_is_the_weighted_sum_of_logits():
+def test_fuse_sample_is_the_weighted_sum_of_logits():
   logits = jax.random.normal(jax.random.key(0), (2, 3, 4, 5, 6))  # K=2, B=3
   w = jax.nn.softmax(jax.random.normal(jax.random.key(1), (3, 2)))
   expected = w[:, 0, None, None, None] * logits[0] + w[:, 1, None, None, None] * logits[1]
-  fused = routers.fuse(logits, routers.Routing(w[None], w[None], unit="image"))
-  np.testing.assert_allclose(fused[0], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(routers.fuse_sample(logits, w, "image"), expected, rtol=1e-5,
+                             atol=1e-6)
   wc = jax.nn.softmax(jax.random.normal(jax.random.key(2), (3, 6, 2)))
   expected = (wc[:, None, None, :, 0] * logits[0] + wc[:, None, None, :, 1] * logits[1])
-  fused = routers.fuse(logits, routers.Routing(wc[None], wc[None], unit="class"))
-  np.testing.assert_allclose(fused[0], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(routers.fuse_sample(logits, wc, "class"), expected, rtol=1e-5,
+                             atol=1e-6)
   wp = jax.nn.softmax(jax.random.normal(jax.random.key(3), (3, 4, 5, 2)))  # [B,H,W,K]
   expected = wp[..., 0, None] * logits[0] + wp[..., 1, None] * logits[1]
-  # Two routing samples: each fused on its own.
-  fused = routers.fuse(logits, routers.Routing(jnp.stack([wp, wp[..., ::-1]]), wp[None],
-                                               unit="pixel"))
-  np.testing.assert_allclose(fused[0], expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(fused[1], wp[..., 1, None] * logits[0] + wp[..., 0, None] * logits[1],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(routers.fuse_sample(logits, wp, "pixel"), expected, rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_image_size_must_be_a_multiple_of_16():

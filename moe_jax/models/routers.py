@@ -219,12 +219,6 @@ def fuse_sample(expert_logits: jax.Array, weights: jax.Array, unit: str) -> jax.
   return uncertainty.sum_members(expert_logits * per_pixel)
 
 
-def fuse(expert_logits: jax.Array, routing: Routing) -> jax.Array:
-  """`fuse_sample` of every routing sample: expert_logits [K, B, H, W, C] -> [R, B, H, W, C]."""
-  return jnp.stack([fuse_sample(expert_logits, weights, routing.unit)
-                    for weights in routing.weights])  # R is small and static
-
-
 def at_prediction(routing: Routing, prediction: jax.Array) -> Routing:
   """The routing each pixel's prediction used: a "class" routing becomes the "pixel"
   routing of each pixel's predicted class; "image" and "pixel" stay as they are.
