@@ -18,6 +18,8 @@ or --config.train.experts.epochs=2. Paths may contain "{workdir}", replaced by -
 
 import ml_collections
 
+from moe_jax.config_checks import ROUTING_DEFAULTS  # plain values; no JAX is imported
+
 # The "bayes" preset's routers: all eight of moe_jax.models.bayesian_routers.
 BAYES_PRESET_ROUTERS = ("deterministic", "temp_sampling", "mcdr", "swagr", "der", "mfvr", "fcvr",
                     "vtsr")
@@ -81,18 +83,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # (() = every gate of model.gates); "deterministic" is the gate itself ("moe_<gate>").
   config.model.routers = ("deterministic",)
   config.model.bayesian_gates = ()
-  config.model.routing = ml_collections.ConfigDict(dict(
-      prior_std=1.0,            # σ0 of the prior N(l_det, σ0² I) (mfvr, fcvr; vtsr's log T)
-      kl_weight=1e-2,           # β in CE + β·KL (mfvr, fcvr, vtsr)
-      dropout=0.1,              # mcdr's rate on the router's input
-      swag_rank=10,             # swagr's deviation matrix rank
-      swag_start=0.5,           # swagr collects after this fraction of the gate's steps,
-      swag_every=1,             # every this many steps
-      ensemble=4,               # der's M routers
-      temperature=1.0,          # temp_sampling's T
-      hard=False,               # temp_sampling, vtsr: one-hot selection (straight-through)
-      max_log_temperature=3.0,  # vtsr's clip of log T
-      warmup_steps=10))         # vtsr's ramp from T = 1
+  # The Bayesian routers' settings (prior σ0, β, dropout, SWAG, der's M, temperatures):
+  # each key is explained in moe_jax/config_checks.py ROUTING_DEFAULTS.
+  config.model.routing = ml_collections.ConfigDict(dict(ROUTING_DEFAULTS))
 
   # The reference's training: SGD lr 0.01, momentum 0.99, weight decay 1e-4, constant LR
   # (its "cos" schedule is never read), 50 epochs, batch 1 (experts) and 8 (gate).

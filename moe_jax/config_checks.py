@@ -20,9 +20,18 @@ MUTABLE_CONFIG_KEYS = ("eval.", "train.log_every", "train.keep_checkpoints",
 # config.json lacks one of them matches a config holding that value.
 # The Bayesian routers' settings (config model.routing; see
 # moe_jax.models.bayesian_routers.RoutingSettings for what each means).
-ROUTING_DEFAULTS = dict(prior_std=1.0, kl_weight=1e-2, dropout=0.1, swag_rank=10,
-                        swag_start=0.5, swag_every=1, ensemble=4, temperature=1.0, hard=False,
-                        max_log_temperature=3.0, warmup_steps=10)
+ROUTING_DEFAULTS = dict(
+    prior_std=1.0,            # σ0 of the prior N(l_det, σ0² I) (mfvr, fcvr; vtsr's log T)
+    kl_weight=1e-2,           # β in CE + β·KL (mfvr, fcvr, vtsr)
+    dropout=0.1,              # mcdr's rate on the router's input
+    swag_rank=10,             # swagr's deviation matrix rank
+    swag_start=0.5,           # swagr collects after this fraction of the gate's steps,
+    swag_every=1,             # every this many steps
+    ensemble=4,               # der's M routers
+    temperature=1.0,          # temp_sampling's T
+    hard=False,               # temp_sampling, vtsr: one-hot selection (straight-through)
+    max_log_temperature=3.0,  # vtsr's clip of log T
+    warmup_steps=10)          # vtsr's ramp from T = 1
 ADDED_CONFIG_KEYS = {"model.backbone_weights": "", "model.routers": ["deterministic"],
                      "model.bayesian_gates": [],
                      **{f"model.routing.{key}": value for key, value in ROUTING_DEFAULTS.items()}}

@@ -185,11 +185,6 @@ def _sampled(fn: Callable[[jax.Array], jax.Array], keys: jax.Array,
   return jax.lax.map(fn, keys, batch_size=max(1, MAX_VMAP_ELEMENTS // per_sample))
 
 
-def _reduce_units(kl: jax.Array) -> jax.Array:
-  """A KL per routing unit [B, ...] -> its mean (a scalar)."""
-  return jnp.mean(kl)
-
-
 class BayesianRouter(routers.Router):
   """A distribution on the routing of gate type `gate` (see the module docstring).
 
@@ -200,8 +195,13 @@ class BayesianRouter(routers.Router):
 
   def __init__(self, gate: str, args: RouterArgs, settings: RoutingSettings, *,
                rngs: nnx.Rngs):
-    self.unit = routers.get(gate).unit
+    self._setup(gate, args, settings, rngs)
     self.base = routers.make(gate, args, rngs=rngs)
+
+  def _setup(self, gate: str, args: RouterArgs, settings: RoutingSettings,
+             rngs: nnx.Rngs) -> None:
+    """What every Bayesian router holds besides its parameters."""
+    self.unit = routers.get(gate).unit
     self.num_experts = args.num_experts
     self.settings = settings
     self.noise = rngs["routing"].fork()
@@ -221,6 +221,13 @@ class BayesianRouter(routers.Router):
              training: bool) -> Routing:
     """The routing samples (see the class docstring)."""
     raise NotImplementedError
+
+  def _logits_shape(self, features: jax.Array, output_size: tuple[int, int]
+                    ) -> tuple[int, ...]:
+    """The shape of the gate's logits, traced only (nothing runs)."""
+    graphdef, state = nnx.split(self.base)
+    return jax.eval_shape(lambda s: nnx.merge(graphdef, s).logits(
+        features, output_size=output_size), state).shape
 
   def _keys(self, key: jax.Array, training: bool) -> jax.Array:
     return jax.random.split(key, 1 if training else self.settings.samples)
@@ -250,7 +257,7 @@ class DropoutRouter(BayesianRouter):
   def sample(self, features, *, output_size, key, training):
     rate = self.settings.dropout
     graphdef, state = nnx.split(self.base)
-    shape = self.logits(features, output_size=output_size).shape  # (XLA drops the values)
+    shape = self._logits_shape(features, output_size)
 
     def one(k):
       keep = jax.random.bernoulli(k, 1.0 - rate, features.shape)
@@ -299,7 +306,7 @@ class SwagRouter(BayesianRouter):
     graphdef, params, rest = nnx.split(self.base, nnx.Param, ...)
     flat, unravel = ravel_pytree(params)
     collected = self.swag_count[...] > 0
-    shape = self.logits(features, output_size=output_size).shape  # (XLA drops the values)
+    shape = self._logits_shape(features, output_size)
 
     def one(k):
       theta = swag_sample(self.swag_mean[...], self.swag_square[...],
@@ -320,10 +327,7 @@ class EnsembleRouter(BayesianRouter):
   parameters, trained at once (each by its own sample's loss); R = M samples always."""
 
   def __init__(self, gate, args, settings, *, rngs):
-    self.unit = routers.get(gate).unit
-    self.num_experts = args.num_experts
-    self.settings = settings
-    self.noise = rngs["routing"].fork()
+    self._setup(gate, args, settings, rngs)
 
     @nnx.split_rngs(splits=settings.ensemble)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -380,7 +384,7 @@ class VariationalRouter(BayesianRouter):
     prior_std = self.settings.prior_std
     kl = (gaussian_kl_full(delta, factor, prior_std) if self.full
           else gaussian_kl_diag(delta, factor, prior_std))
-    return self._routing(samples, {"kl": self.settings.kl_weight * _reduce_units(kl)})
+    return self._routing(samples, {"kl": self.settings.kl_weight * jnp.mean(kl)})
 
 
 class FullCovarianceRouter(VariationalRouter):
@@ -426,7 +430,7 @@ class TemperatureRouter(BayesianRouter):
       return gumbel_logits(logits, jnp.exp(log_t)[..., None], k)
     samples = _sampled(one, self._keys(key, training), logits.shape)
     kl = gaussian_kl_diag(m[..., None], std[..., None], self.settings.prior_std)
-    return self._routing(samples, {"kl": self.settings.kl_weight * _reduce_units(kl)},
+    return self._routing(samples, {"kl": self.settings.kl_weight * jnp.mean(kl)},
                          hard=self.settings.hard)
 
 
