@@ -18,7 +18,7 @@ or --config.train.experts.epochs=2. Paths may contain "{workdir}", replaced by -
 
 import ml_collections
 
-from moe_jax.config_checks import ROUTING_DEFAULTS  # plain values; no JAX is imported
+from moe_jax.config_checks import ROBUST_DEFAULTS, ROUTING_DEFAULTS  # plain values, no JAX
 
 # The "bayes" preset's routers: all eight of moe_jax.models.bayesian_routers.
 BAYES_PRESET_ROUTERS = ("deterministic", "temp_sampling", "mcdr", "swagr", "der", "mfvr", "fcvr",
@@ -95,6 +95,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.train.baseline = stage(batch_size=1, epochs=50, eval_every_epochs=2, **sgd)
   config.train.deep_ensemble = stage(batch_size=1, epochs=50, eval_every_epochs=2, **sgd)
   config.train.gate = stage(batch_size=8, epochs=50, eval_every_epochs=10, **sgd)
+  # One MoE per objective around each gate type of train.objective_gates (() = every gate;
+  # deterministic router): "erm", "robust", "robust_filtered" (moe_jax/losses.py
+  # GATE_OBJECTIVES; methods "moe_<gate>_<objective>"), with the settings of train.robust
+  # (explained in moe_jax/config_checks.py ROBUST_DEFAULTS).
+  config.train.gate_objectives = ("erm",)
+  config.train.objective_gates = ()
+  config.train.robust = ml_collections.ConfigDict(dict(ROBUST_DEFAULTS))
   config.train.keep_checkpoints = 2         # latest N kept, plus the best by val mIoU
   config.train.log_every = 50               # steps between loss readouts
   # A step whose loss or gradients are not finite: "stop" the stage (naming the step; the
@@ -119,6 +126,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Frames of each part of the corruption split (0 = all); when limited, the clean frames
   # of the same subset are evaluated too, as "<split>:clean:0".
   config.eval.corruption_frames_per_part = 0
+  # The MoEs also evaluated hard-routed, temperature-scaled and with MoCaE experts
+  # ("moe_<...>_hard", "_ts", "_mocae", "_mocae_hard", "_mocae_ts"): those whose Bayesian
+  # router is one of these (() = every MoE).
+  config.eval.variant_routers = ()
   config.eval.routing_samples = 16          # S routing samples of a Bayesian router
   # Routing stability: the first eval.stability_images images of the ID split (ood_splits[0],
   # else the first test split) plus Gaussian noise of std σ x each image's pixel std.
@@ -128,6 +139,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.panel_images = 3              # images per split in the uncertainty panels
   config.eval.patch_size = 4                # Mukhoti & Gal's patch metrics (0 = off)
 
+  # Stage "calibrate" (moe_jax/calibrate.py): temperatures fitted on data.val_split, per
+  # expert (MoCaE) and per method (aggregate TS), by L-BFGS on log T, clamped to bounds;
+  # on a grid of at most max_pixels val pixels.
+  config.calibrate = ml_collections.ConfigDict(dict(
+      max_pixels=2 ** 18, bounds=(0.1, 10.0), iterations=50))
+
   if preset in ("synthetic", "smoke", "bayes"):
     small = preset == "smoke"
     # The demo trains four Bayesian routers around the simple gate; "bayes" all eight.
@@ -135,6 +152,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                             BAYES_PRESET_ROUTERS if preset == "bayes" else
                             ("deterministic", "mcdr", "mfvr", "der"))
     config.model.bayesian_gates = ("simple",)
+    # Wong et al.'s robust objectives around the simple gate: Robust MoE in the demo, the
+    # filtered one (the other code path) in the smoke run.
+    config.train.gate_objectives = ("erm", "robust_filtered" if small else "robust")
+    config.train.objective_gates = ("simple",)
+    config.eval.variant_routers = ("deterministic",)
     config.eval.stability_images = 4 if small else 16
     # S = 4 routing samples in the demo: each sample's fused softmax and the routing
     # decomposition's entropies cost S x C transcendentals per pixel, which on a CPU with

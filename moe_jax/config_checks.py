@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 # Keys that may change between runs in one workdir: they do not change what was trained.
-MUTABLE_CONFIG_KEYS = ("eval.", "train.log_every", "train.keep_checkpoints",
+MUTABLE_CONFIG_KEYS = ("eval.", "calibrate.", "train.log_every", "train.keep_checkpoints",
                        "train.nonfinite", "model.deep_ensemble_members",
                        "train.deep_ensemble.")
 # Keys added after workdirs existed, with the value that means "as before": a workdir whose
@@ -32,9 +32,21 @@ ROUTING_DEFAULTS = dict(
     hard=False,               # temp_sampling, vtsr: one-hot selection (straight-through)
     max_log_temperature=3.0,  # vtsr's clip of log T
     warmup_steps=10)          # vtsr's ramp from T = 1
+# The robust gate objectives' settings (config train.robust; see
+# moe_jax.losses.RobustSettings for what each means).
+ROBUST_DEFAULTS = dict(
+    eta=2.0,                  # η of softmax(η ℓ) over the batch's images (the paper's)
+    pixel_eta=0.2,            # η when unit="pixel"
+    unit="image",             # "image" (an image's mean pixel NLL) or "pixel"
+    warmup=0.4,               # fraction of the gate's steps trained by ERM first (20/50)
+    detach=False,             # True: no gradient through the weights (true DRO/TERM)
+    tau_r=1e-6,               # Robust Filtered: regret threshold
+    tau_d=0.01)               # Robust Filtered: disagreement threshold
 ADDED_CONFIG_KEYS = {"model.backbone_weights": "", "model.routers": ["deterministic"],
                      "model.bayesian_gates": [],
-                     **{f"model.routing.{key}": value for key, value in ROUTING_DEFAULTS.items()}}
+                     **{f"model.routing.{key}": value for key, value in ROUTING_DEFAULTS.items()},
+                     "train.gate_objectives": ["erm"], "train.objective_gates": [],
+                     **{f"train.robust.{key}": value for key, value in ROBUST_DEFAULTS.items()}}
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -94,6 +106,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"from the routers {tuple(routers.ROUTERS)}, e.g. "
                       "--config.model.gates='(\"simple\",)'.")
   _check_routing(config, gates, bayesian_routers)
+  variant_routers = tuple(config.eval.variant_routers)
+  if not set(variant_routers) <= set(bayesian_routers.BAYESIAN_ROUTERS):
+    raise ConfigError(f"config key eval.variant_routers={variant_routers!r} must name routers "
+                      f"of {tuple(bayesian_routers.BAYESIAN_ROUTERS)} (() = every router).")
   positive_int(config.model.deep_ensemble_members, "model.deep_ensemble_members",
                allow_zero=True)
   one_of(config.train.nonfinite, NONFINITE, "train.nonfinite")
@@ -124,6 +140,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_float(sigma, "eval.stability_noise")
   positive_int(config.eval.patch_size, "eval.patch_size", allow_zero=True)
   evaluate.corrupted_splits(config)
+  _check_objectives(config)
+  positive_int(config.calibrate.max_pixels, "calibrate.max_pixels")
+  positive_int(config.calibrate.iterations, "calibrate.iterations")
+  bounds = tuple(config.calibrate.bounds)
+  if len(bounds) != 2 or not 0 < _positive_float(bounds[0], "calibrate.bounds") <= 1 \
+      or _positive_float(bounds[1], "calibrate.bounds") < 1:
+    raise ConfigError(f"config key calibrate.bounds={bounds!r} must be (lowest, highest) "
+                      "temperatures with 0 < lowest <= 1 <= highest, e.g. (0.1, 10.0).")
+
+
+def _check_objectives(config: ml_collections.ConfigDict) -> None:
+  from moe_jax import losses
+  objectives = tuple(config.train.gate_objectives)
+  if not objectives or len(set(objectives)) != len(objectives) \
+      or not set(objectives) <= set(losses.GATE_OBJECTIVES):
+    raise ConfigError(f"config key train.gate_objectives={objectives!r} must name distinct "
+                      f"objectives from {losses.GATE_OBJECTIVES}, e.g. "
+                      "--config.train.gate_objectives='(\"erm\", \"robust\")'.")
+  objective_gates = tuple(config.train.objective_gates)
+  if not set(objective_gates) <= set(config.model.gates):
+    raise ConfigError(f"config key train.objective_gates={objective_gates!r} must name gates "
+                      f"of model.gates={tuple(config.model.gates)} (() = every gate).")
+  robust = config.train.robust
+  _positive_float(robust.eta, "train.robust.eta")
+  _positive_float(robust.pixel_eta, "train.robust.pixel_eta")
+  one_of(robust.unit, ("image", "pixel"), "train.robust.unit")
+  if not isinstance(robust.warmup, (int, float)) or not 0 <= robust.warmup < 1:
+    raise ConfigError(f"config key train.robust.warmup={robust.warmup!r} must be a fraction "
+                      "of the gate's steps in [0, 1).")
+  for key in ("tau_r", "tau_d"):
+    if not isinstance(robust[key], (int, float)) or robust[key] < 0:
+      raise ConfigError(f"config key train.robust.{key}={robust[key]!r} must be >= 0.")
 
 
 def _positive_float(value, key: str) -> float:

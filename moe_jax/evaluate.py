@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import corruptions
-from moe_jax import checkpoint, input_pipeline, measures, methods, metrics, stability, stages
+from moe_jax import (calibrate, checkpoint, input_pipeline, measures, methods, metrics,
+                     quantile_thresholds, stability, stages)
 from moe_jax.config_checks import ConfigError
 from moe_jax.models import build, routers
 
@@ -34,16 +35,25 @@ HISTOGRAMS_FILE = "histograms.npz"
 PANELS_FILE = "panels.npz"
 
 
+HARD_SUBSET = "hard_subset"
+
+
 def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: int,
-                       uncertainty: bool, patch_size: int) -> dict[str, jax.Array]:
+                       uncertainty: bool, patch_size: int, subset: jax.Array | None = None
+                       ) -> dict[str, jax.Array]:
   stats = {"confusion": metrics.confusion_matrix(labels, output["prediction"], num_classes)}
   if not uncertainty:
     return stats
   valid = (labels >= 0) & (labels < num_classes)  # as the confusion matrix counts them
+  correct = output["prediction"] == labels
+  stats.update(_probability_statistics(output["probs"], labels, correct, valid, num_classes))
+  if subset is not None:
+    hard = valid & subset
+    stats.update({f"hard/{name}": value for name, value in _probability_statistics(
+        output["probs"], labels, correct, hard, num_classes).items()})
+    stats["hard/correct"] = jnp.sum(correct & hard)
   if "routing" in output:
     stats.update(_gate_statistics(output["routing"], valid))
-  correct = output["prediction"] == labels
-  probs = output["probs"]
   fine = metrics.FINE_CALIBRATION_BINS
   for measure in measures.MEASURES:
     if measure in output:
@@ -57,17 +67,23 @@ def _method_statistics(output: methods.Output, labels: jax.Array, num_classes: i
       if patch_size:
         stats[f"patch_histogram/{measure}"] = metrics.patch_uncertainty_histogram(
             u, correct, valid, patch_size)
-  stats["calibration/max_softmax"] = metrics.calibration_histogram(jnp.max(probs, -1),
-                                                                   correct, valid, fine)
+  return stats
+
+
+def _probability_statistics(probs: jax.Array, labels: jax.Array, correct: jax.Array,
+                            valid: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+  """The predictive distribution's statistics on the `valid` pixels: the fine calibration
+  histogram of max softmax, and the sums [pixels, Brier, NLL]."""
   safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
   one_hot = jax.nn.one_hot(safe_labels, num_classes, dtype=jnp.float32)
   brier = jnp.sum((probs - one_hot) ** 2, axis=-1)
   label_prob = jnp.take_along_axis(probs, safe_labels[..., None], axis=-1)[..., 0]
   nll = -jnp.log(jnp.maximum(label_prob, jnp.finfo(jnp.float32).tiny))
-  stats["sums"] = jnp.stack([jnp.sum(valid).astype(jnp.float32),
+  return {"calibration/max_softmax": metrics.calibration_histogram(
+              jnp.max(probs, -1), correct, valid, metrics.FINE_CALIBRATION_BINS),
+          "sums": jnp.stack([jnp.sum(valid).astype(jnp.float32),
                              jnp.sum(jnp.where(valid, brier, 0.0)),
-                             jnp.sum(jnp.where(valid, nll, 0.0))])
-  return stats
+                             jnp.sum(jnp.where(valid, nll, 0.0))])}
 
 
 GATE_BINS = 20
@@ -100,19 +116,26 @@ def _gate_statistics(routing: routers.Routing, valid: jax.Array) -> dict[str, ja
 @nnx.jit(static_argnums=(0, 4, 5, 6, 7))
 def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.Array],
                      key: jax.Array, num_classes: int, uncertainty: bool, panel_images: int = 0,
-                     patch_size: int = 0
+                     patch_size: int = 0, calibration: methods.Calibration | None = None
                      ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, dict[str, jax.Array]]]:
   """({method: {statistic: array}}, panels) of one batch (see the module docstring).
 
   patch_size > 0 adds the patch-based histograms of patch_size² pixel patches.
+  calibration: the output function's 4th argument (None: it is called with three), e.g.
+  the calibrate stage's temperatures (see `combined_outputs`).
+  An output function may also return HARD_SUBSET: bool [B,H,W], the pixels on which every
+  method also gets the "hard/..." statistics (`_method_statistics`).
 
   panels: {method: {map: [panel_images, H, W]}} for the prediction and the uncertainty
   maps of each MoE method (those with a routing), from the batch's first images.
   """
   images = batch["image"].astype(jnp.float32) / 255.0
   labels = batch["label"].astype(jnp.int32)
-  out = outputs(model, images, key)
-  stats = {method: _method_statistics(output, labels, num_classes, uncertainty, patch_size)
+  out = dict(outputs(model, images, key) if calibration is None
+             else outputs(model, images, key, calibration))
+  subset = out.pop(HARD_SUBSET, None)
+  stats = {method: _method_statistics(output, labels, num_classes, uncertainty, patch_size,
+                                      subset)
            for method, output in out.items()}
   panels = {method: {name: output[name][:panel_images]
                      for name in ("prediction", *measures.MEASURES) if name in output}
@@ -122,7 +145,8 @@ def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.
 
 def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], num_classes: int,
                *, uncertainty: bool = False, seed: int = 0, panel_images: int = 0,
-               patch_size: int = 0, panels: dict | None = None
+               patch_size: int = 0, panels: dict | None = None,
+               calibration: methods.Calibration | None = None
                ) -> dict[str, dict[str, np.ndarray]]:
   """Sums `batch_statistics` over `batches` (model in eval mode).
 
@@ -139,6 +163,7 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
     patch_size: also accumulate the patch-based histograms (0 = off; static).
     panels: if given, filled with the first batch's images, labels and MoE maps:
       {"image": uint8 [N,H,W,3], "label": [N,H,W], "maps": {method: {map: [N,H,W]}}}.
+    calibration: temperatures for the output function (see `batch_statistics`).
 
   Returns:
     {method: {statistic: int64 or float64 array}}.
@@ -150,7 +175,8 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
     # Dispatch this batch before fetching the last result, so the host's transfer
     # overlaps the device's work.
     result, maps = batch_statistics(outputs, model, batch, jax.random.fold_in(base, i),
-                                    num_classes, uncertainty, panel_images, patch_size)
+                                    num_classes, uncertainty, panel_images, patch_size,
+                                    calibration)
     if i == 0 and panels is not None:
       panels.update(image=batch["image"][:panel_images], label=batch["label"][:panel_images],
                     maps=jax.device_get(maps))
@@ -194,7 +220,24 @@ def _calibration(histogram: np.ndarray) -> dict[str, float]:
           "adaptive_ece": adaptive["ece"], "adaptive_mce": adaptive["mce"]}
 
 
-def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
+def _probability_summary(sums: np.ndarray, calibration: np.ndarray) -> dict:
+  """{"brier", "nll" (means over the pixels), "calibration": {"max_softmax": CAL}} of the
+  sums [pixels, Brier, NLL] and the fine max-softmax calibration histogram."""
+  pixels, brier, nll = sums[:3]
+  return {"brier": brier / pixels if pixels else float("nan"),
+          "nll": nll / pixels if pixels else float("nan"),
+          "calibration": {"max_softmax": _calibration(calibration)}}
+
+
+# Each measure's conditional correctness is also read at these quantiles of its own
+# values on the split (thresholds from the histogram, within one bin of np.quantile).
+QUANTILES = (0.5, 0.9)
+QUANTILE_KEYS = ("quantiles", "thresholds", "p_accurate_given_certain",
+                 "p_uncertain_given_inaccurate", "pavpu")
+
+
+def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray,
+            quantiles: tuple[float, ...] = QUANTILES) -> dict:
   """The JSON entry of one method on one split.
 
   {"miou", "pixel_accuracy", "iou_per_class", and with uncertainty statistics: "brier",
@@ -202,7 +245,10 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
   "p_accurate_given_certain": [T], "p_uncertain_given_inaccurate": [T], "pavpu": [T],
   "pavpu_reference": [T], **CAL (of confidence 1 - u), "auroc_misclassification",
   "aupr_misclassification", "aurc", "per_image": {the four curves, the reference's mean
-  over images}, "patch": {the four curves over patches} (when accumulated)}}}, where
+  over images}, "patch": {the four curves over patches} (when accumulated), "at_quantiles":
+  {"quantiles", "thresholds" (the measure's own quantiles on the split), and the three
+  curves there}}}, and with hard-subset statistics "hard_subset": {"brier", "nll",
+  "calibration", "pixels", "pixel_fraction", "pixel_accuracy"}, where
   CAL = {"ece", "mce", "adaptive_ece", "adaptive_mce"}; nan is written as null. The curves
   come from the 1000-bin histogram (exact at the thresholds), the misclassification AUROC
   and AUPR (incorrect = positive) and the AURC from the detection histogram (within the
@@ -213,16 +259,22 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
            "iou_per_class": metrics.iou_per_class(confusion)}
   if "sums" not in stats:
     return _json(entry)
-  pixels, brier, nll = stats["sums"]
-  entry["brier"] = brier / pixels if pixels else float("nan")
-  entry["nll"] = nll / pixels if pixels else float("nan")
-  entry["calibration"] = {"max_softmax": _calibration(stats["calibration/max_softmax"])}
+  entry.update(_probability_summary(stats["sums"], stats["calibration/max_softmax"]))
+  if "hard/sums" in stats:
+    pixels = stats["hard/sums"][0]
+    entry["hard_subset"] = {
+        **_probability_summary(stats["hard/sums"], stats["hard/calibration/max_softmax"]),
+        "pixels": pixels, "pixel_fraction": pixels / stats["sums"][0] if stats["sums"][0]
+        else float("nan"),
+        "pixel_accuracy": stats["hard/correct"] / pixels if pixels else float("nan")}
   entry["uncertainty"] = {}
   for measure in measures.MEASURES:
     if f"histogram/{measure}" not in stats:
       continue
     histogram, detection = stats[f"histogram/{measure}"], stats[f"detection/{measure}"]
     curves = metrics.conditional_correctness_from_histogram(histogram, thresholds)
+    at_quantiles = quantile_thresholds.conditional_correctness_at_quantiles(histogram,
+                                                                           quantiles)
     values = entry["uncertainty"][measure] = {
         **{key: curves[key] for key in CURVES},
         **_calibration(stats[f"calibration/{measure}"]),
@@ -231,6 +283,7 @@ def summary(stats: dict[str, np.ndarray], thresholds: np.ndarray) -> dict:
                                                                             detection[0]),
         "aurc": metrics.risk_coverage_from_histogram(detection)["aurc"],
         "per_image": metrics.per_image_conditional_correctness(stats[f"per_image/{measure}"]),
+        "at_quantiles": {key: at_quantiles[key] for key in QUANTILE_KEYS},
     }
     if f"patch_histogram/{measure}" in stats:
       patches = metrics.conditional_correctness_from_histogram(
@@ -392,20 +445,90 @@ def corrupted_splits(config: ml_collections.ConfigDict) -> dict[str, tuple[str, 
   return splits
 
 
-def _runs(config: ml_collections.ConfigDict) -> list[tuple]:
-  """(checkpoint names, model factories, output function, {output key: method name}) per
-  compiled evaluation: one per stage of `stages.STAGES` that has an `evaluation` and
-  checkpoints in this config (e.g. every router's MoE at once, the baseline with MC
-  dropout for every T)."""
-  runs = []
+def restored_runs(config: ml_collections.ConfigDict, workdir: str | Path
+                  ) -> tuple[list[tuple], dict[str, dict]]:
+  """The compiled evaluations of this config, their models restored from `workdir`.
+
+  Returns:
+    (runs, metas): runs = [(checkpoint names, models in eval mode, output function,
+    {output key: method name})], one per stage of `stages.STAGES` that has an
+    `evaluation` and checkpoints in this config (e.g. every router's MoE at once, the
+    baseline with MC dropout for every T); metas = {checkpoint name: its best step's
+    meta}.
+  """
+  runs, metas = [], {}
   for stage in stages.STAGES.values():
     names = stage.checkpoints(config)
     if stage.evaluation is None or not names:
       continue
     outputs, rename = stage.evaluation(config)
-    runs.append((names, tuple(functools.partial(stage.model, config, name) for name in names),
-                 outputs, rename))
-  return runs
+    restored = []
+    for name in names:
+      model, metas[name] = checkpoint.restore_model(
+          workdir, name, functools.partial(stage.model, config, name))
+      model.eval()
+      restored.append(model)
+    runs.append((names, tuple(restored), outputs, rename))
+  return runs, metas
+
+
+def variants(config: ml_collections.ConfigDict, runs: list[tuple]) -> dict[str, dict]:
+  """{variant method: {"of": its method, "variant": "hard" | "ts" | "mocae" | ...}} of
+  every variant the runs can evaluate (stages.MOE_VARIANTS of each MoE, "<method>_ts" of
+  the others); which of them were evaluated depends on the calibrate stage."""
+  out = {spec.method + variant: {"of": spec.method, "variant": variant[1:]}
+         for spec in stages.gate_specs(config)
+         for variant in stages.moe_variants(config, spec) if variant}
+  for _, _, _, rename in runs:
+    names = set(rename.values())
+    out.update({name: {"of": name.removesuffix(calibrate.TS_SUFFIX), "variant": "ts"}
+                for name in names if name not in out and name.endswith(calibrate.TS_SUFFIX)
+                and name.removesuffix(calibrate.TS_SUFFIX) in names})
+  return out
+
+
+@functools.cache
+def _combined(runs: tuple[tuple[Callable, tuple[tuple[str, str], ...]], ...],
+              experts: tuple[str, ...], reference: str | None) -> Callable:
+  """The output function of every run at once (see `combined_outputs`); the same object
+  for the same arguments, so jit compiles it once."""
+  def outputs(models: tuple, images: jax.Array, key: jax.Array, extras: tuple) -> dict:
+    calibrations, threshold = extras
+    out = {}
+    for (run_outputs, rename), run_models, calibration in zip(runs, models, calibrations):
+      result = (run_outputs(run_models, images, key) if calibration is None
+                else run_outputs(run_models, images, key, calibration))
+      rename = dict(rename)
+      out.update({rename[key]: value
+                  for key, value in methods.with_temperatures(result, calibration).items()})
+    if reference is not None:
+      out[HARD_SUBSET] = methods.hard_subset(out, experts, reference, threshold)
+    return out
+  return outputs
+
+
+def combined_outputs(config: ml_collections.ConfigDict, runs: list[tuple],
+                     fitted: dict | None) -> tuple[Callable, tuple]:
+  """Every run's output function as one, keyed by method name, so that one compiled call
+  per batch evaluates every method on data read once, and every method is measured on the
+  same hard subset (`methods.hard_subset` of the experts and the first MoE of the gate
+  stage, with the calibrate stage's disagreement threshold; no subset without a gate
+  stage). Each run gets its `calibrate.for_run` temperatures and "<key>_ts" variants.
+
+  Returns:
+    (output function (models: one tuple per run, images, key, extras), extras).
+  """
+  specs = tuple((outputs, tuple(rename.items())) for _, _, outputs, rename in runs)
+  gates = [rename for names, _, _, rename in runs
+           if names == stages.STAGES["gate"].checkpoints(config)]
+  experts, reference = (), None
+  if gates:
+    experts = tuple(stages.expert_methods(config))
+    reference = stages.gate_specs(config)[0].method
+  threshold = (fitted or {}).get("hard_subset", {}).get("disagreement_threshold", np.inf)
+  extras = (tuple(calibrate.for_run(config, fitted, rename) for _, _, _, rename in runs),
+            jnp.float32(threshold))
+  return _combined(specs, experts, reference), extras
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -430,18 +553,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   start = time.perf_counter()
   ood_splits = list(config.eval.ood_splits)  # checked by config_checks.validate
   corrupted = corrupted_splits(config)
-  runs = _runs(config)
+  runs, metas = restored_runs(config, workdir)
+  calibration = calibrate.load(config, workdir, metas)
   thresholds = metrics.REFERENCE_THRESHOLDS
   clean = (f"{config.eval.corruption_split}:clean:0" if config.eval.corruption_frames_per_part
            else config.eval.corruption_split)
-  results = {"splits": {}, "ood": {}, "thresholds": _json(thresholds), "checkpoints": {},
+  results = {"splits": {}, "ood": {}, "thresholds": _json(thresholds), "checkpoints": metas,
              "class_names": list(input_pipeline.class_names(config.data)),
              "experts": input_pipeline.expert_names(config.data),
              "gates": list(config.model.gates),
-             "routing_units": {stages.moe_method(gate, router): routers.get(gate).unit
-                               for gate, router in stages.gate_routers(config)},
-             "routers": {stages.moe_method(gate, router): {"gate": gate, "router": router}
-                         for gate, router in stages.gate_routers(config)},
+             "routing_units": {spec.method: routers.get(spec.gate).unit
+                               for spec in stages.gate_specs(config)},
+             "routers": {spec.method: {"gate": spec.gate, "router": spec.router,
+                                       "objective": spec.objective}
+                         for spec in stages.gate_specs(config)},
+             "variants": variants(config, runs),
+             "calibration": calibration,
              "moe_members": config.eval.moe_members, "ev_at": config.eval.ev_at,
              "ood_splits": ood_splits,
              "corruptions": {"split": config.eval.corruption_split,
@@ -449,14 +576,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                              "severities": list(config.eval.severities) if corrupted else [],
                              "frames_per_part": config.eval.corruption_frames_per_part,
                              "clean": clean}}
-  models = {}
-  for names, makers, _, _ in runs:
-    restored = []
-    for name, make in zip(names, makers):
-      model, results["checkpoints"][name] = checkpoint.restore_model(workdir, name, make)
-      model.eval()
-      restored.append(model)
-    models[names] = tuple(restored)
   # Each disjoint part is evaluated once; a union split (all_test) sums its parts.
   parts = {split: input_pipeline.split_parts(config.data, split)
            for split in config.data.test_splits}
@@ -465,22 +584,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                             corruption=corruption) for split, corruption in corrupted.items()})
   part_totals, panels = {}, {}
   panel_images = config.eval.panel_images
-  with tqdm(total=len(reads) * len(runs), desc="evaluate", unit="run", mininterval=1.0,
+  outputs, extras = combined_outputs(config, runs, calibration)
+  models = tuple(run_models for _, run_models, _, _ in runs)
+  with tqdm(total=len(reads), desc="evaluate", unit="split", mininterval=1.0,
             dynamic_ncols=True) as bar:
     for read, options in reads.items():
-      for names, _, outputs, rename in runs:
-        batches = input_pipeline.eval_batches(config.data, read.split(":")[0],
-                                              batch_size=config.eval.batch_size, **options)
-        panel = {} if panel_images and read not in corrupted else None
-        for key, stats in accumulate(outputs, models[names], batches, config.data.num_classes,
-                                     uncertainty=True, seed=config.seed,
-                                     panel_images=panel_images,
-                                     patch_size=config.eval.patch_size, panels=panel).items():
-          part_totals[(read, rename[key])] = stats
-        if panel:
-          panels.setdefault(read, {"image": panel["image"], "label": panel["label"]}).update(
-              {rename[key]: maps for key, maps in panel["maps"].items()})
-        bar.update()
+      batches = input_pipeline.eval_batches(config.data, read.split(":")[0],
+                                            batch_size=config.eval.batch_size, **options)
+      panel = {} if panel_images and read not in corrupted else None
+      for method, stats in accumulate(outputs, models, batches, config.data.num_classes,
+                                      uncertainty=True, seed=config.seed,
+                                      panel_images=panel_images,
+                                      patch_size=config.eval.patch_size, panels=panel,
+                                      calibration=extras).items():
+        part_totals[(read, method)] = stats
+      if panel:  # the maps of each MoE (not of its variants)
+        panels[read] = {"image": panel["image"], "label": panel["label"],
+                        **{m: maps for m, maps in panel["maps"].items()
+                           if m not in results["variants"]}}
+      bar.update()
   totals = {}
   for split in [*config.data.test_splits, *corrupted]:
     members = parts.get(split, [split])
@@ -494,9 +616,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       if split == out_split and (in_split, method) in totals:
         results["ood"][method] = ood_detection(totals[(in_split, method)], stats)
   gates = stages.STAGES["gate"].checkpoints(config)
-  if config.eval.stability_images and gates in models:
+  moes = {names: models for names, models, _, _ in runs}.get(gates)
+  if config.eval.stability_images and moes:
     results["routing_stability"] = routing_stability(
-        config, models[gates], [stages.moe_method(*pair) for pair in stages.gate_routers(config)])
+        config, moes, [spec.method for spec in stages.gate_specs(config)])
     print_stability(results["routing_stability"])
   _write_arrays(Path(workdir) / HISTOGRAMS_FILE,
                 {f"{split}/{method}/{name}": value for (split, method), stats in totals.items()

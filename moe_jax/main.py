@@ -7,6 +7,7 @@ Runs the pipeline's stages in order (default: all of them):
   baseline      one model on all data (the MC-dropout baseline)
   deep_ensemble M models on all data (only when model.deep_ensemble_members > 0)
   gate          the gate on all data, experts frozen
+  calibrate     temperatures on the val split (per expert, per method) -> calibration.json
   evaluate      every method on every test split -> <workdir>/results.json
   report        <workdir>/report.md: the tables and the paper's claims, measured
 A finished stage is skipped on a rerun; an interrupted one resumes from its checkpoint.
@@ -25,7 +26,7 @@ from ml_collections import config_flags
 from data_pipelines import DataError
 from moe_jax import checkpoint, config_checks, stages
 
-STAGES = ("data", *stages.STAGES, "evaluate", "report")
+STAGES = ("data", *stages.STAGES, "calibrate", "evaluate", "report")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/a2d2.py:synthetic.", lock_config=True)
@@ -86,10 +87,10 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO.
   # The stages pull in TensorFlow (~4 s); imported here, after the flags parsed, so that a
   # bad command line fails at once.
-  from moe_jax import evaluate, input_pipeline, report, train
+  from moe_jax import calibrate, evaluate, input_pipeline, report, train
   config = _CONFIG.value
   runners = {**{name: functools.partial(train.run, name=name) for name in stages.STAGES},
-             "evaluate": evaluate.run, "report": lambda config, workdir: report.write(workdir)}
+             "calibrate": calibrate.run, "evaluate": evaluate.run, "report": lambda config, workdir: report.write(workdir)}
   start = time.perf_counter()
   try:
     config_checks.validate(config)  # every key a stage reads, before hours of training

@@ -4,7 +4,10 @@ uncertainty maps, all from one forward (jit-able).
 An *output function* `(model, images float32 [B,H,W,3], key) -> {method: Output}` serves
 one model kind; every method it can produce comes out of the same compiled call (the MoE
 forward gives each expert, the uniform ensemble and the MoE). `key` seeds MC dropout and
-stochastic routers and is ignored by the deterministic methods.
+stochastic routers and is ignored by the deterministic methods. The library's output
+functions also take an optional 4th argument, a `Calibration` (the calibrate stage's
+temperatures; only `mixtures` reads it, for its MoCaE variants); evaluation passes it when
+the calibrate stage has run and adds each "<key>_ts" variant (`with_temperatures`).
 
 Output = {"prediction": int [B,H,W], "probs": float32 [B,H,W,C] (the method's predictive
 distribution, for max-softmax calibration, Brier and NLL), and normalised maps in [0, 1]
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import functools
 
-from flax import nnx
+from flax import nnx, struct
 import jax
 import jax.numpy as jnp
 
@@ -34,6 +37,43 @@ MOE_MEMBERS = ("weighted", "uniform", "stacked")
 EV_AT = ("sample", "fused")
 
 Output = dict[str, jax.Array | routers.Routing]
+
+
+@struct.dataclass
+class Calibration:
+  """Post-hoc temperatures fitted by the calibrate stage (`moe_jax.calibrate`), a pytree
+  an output function takes as its optional 4th argument.
+
+  Attributes:
+    expert_temperatures: float32 [K], expert k's logits are divided by T_k (MoCaE) in the
+      "<moe>_mocae" variants of `mixtures`.
+    aggregate: {output key: float32 scalar T}: `tempered` adds "<key>_ts" with the key's
+      predictive distribution at temperature T (`with_temperatures`).
+  """
+  expert_temperatures: jax.Array
+  aggregate: dict[str, jax.Array]
+
+
+def tempered(output: Output, temperature: jax.Array) -> Output:
+  """Aggregate temperature scaling of a method's predictive distribution: probs ->
+  softmax(log probs / T). The prediction is unchanged (argmax is invariant under T > 0)
+  and PE is that of the new probs; the method's other maps (MI, EV, GE, ...) do not
+  depend on T and are left out (they are the untempered method's)."""
+  log_probs = jnp.log(jnp.maximum(output["probs"], jnp.finfo(jnp.float32).tiny))
+  probs = jax.nn.softmax(log_probs / temperature, axis=-1)
+  return {"prediction": output["prediction"], "probs": probs,
+          "predictive_entropy": measures.normalise(
+              "predictive_entropy", uncertainty.entropy(probs), probs.shape[-1])}
+
+
+def with_temperatures(outputs: dict[str, Output], calibration: Calibration | None
+                      ) -> dict[str, Output]:
+  """`outputs` plus "<key>_ts" = `tempered` for each key of calibration.aggregate that
+  `outputs` has (an output function's result; None: unchanged)."""
+  if calibration is None:
+    return outputs
+  return {**outputs, **{f"{key}_ts": tempered(outputs[key], t)
+                        for key, t in calibration.aggregate.items() if key in outputs}}
 
 
 def single_output(logits: jax.Array) -> Output:
@@ -70,9 +110,10 @@ def stacked(members: nnx.Module, images: jax.Array, key: jax.Array) -> dict[str,
   return {str(k): single_output(logits[k]) for k in range(logits.shape[0])}
 
 
-def deep_ensemble(members: nnx.Module, images: jax.Array, key: jax.Array) -> dict[str, Output]:
+def deep_ensemble(members: nnx.Module, images: jax.Array, key: jax.Array,
+                  calibration: Calibration | None = None) -> dict[str, Output]:
   """Stacked deep-ensemble members, uniform: {"deep_ensemble": Output}."""
-  del key
+  del key, calibration  # its temperatures apply to the outputs (with_temperatures)
   logits, _ = members(images)
   return {"deep_ensemble": members_output(uncertainty.probabilities(logits))}
 
@@ -126,26 +167,54 @@ def mixture_outputs(out: dict, *, members: str = "weighted", ev_at: str = "sampl
   return outputs
 
 
-def mixtures(moes: tuple[nnx.Module, ...], images: jax.Array, key: jax.Array, *,
-             members: str = "weighted", ev_at: str = "sample") -> dict[str, Output]:
-  """Several MoEs around the same frozen experts (one per gate type) in one call, the
-  experts run once: {"moe_0", "moe_1", ..., "ensemble", "expert_0", ...} ("moe_<i>" is
-  `mixture`'s "moe" for moes[i]; the experts' outputs are moes[0]'s)."""
+def mixtures(moes: tuple[nnx.Module, ...], images: jax.Array, key: jax.Array,
+             calibration: Calibration | None = None, *, members: str = "weighted",
+             ev_at: str = "sample", variants: tuple[bool, ...] | None = None
+             ) -> dict[str, Output]:
+  """Several MoEs around the same frozen experts (one per gate type and router) in one
+  call, the experts run once.
+
+  Returns {"moe_<i>" (`mixture`'s "moe" for moes[i]), "ensemble", "expert_0", ...} (the
+  experts' outputs are moes[i]'s shared experts') and, per MoE with variants[i] (None:
+  every MoE):
+    "moe_<i>_hard": top-1 routing, each unit (image, class or pixel; each
+      routing sample) uses only its argmax expert (`routers.hard`). Its "routing" and
+      routing measures are the router's own (soft) weights, which are the router's
+      uncertainty even when one expert is used; the members measures are the soft
+      sample set's at the hard prediction.
+    with a `calibration`: "moe_<i>_mocae" and "moe_<i>_mocae_hard", the same with expert
+      k's logits divided by calibration.expert_temperatures[k] before the fusion (the
+      experts tempered, then mixed), and "<key>_ts" for each key of
+      calibration.aggregate (added by `with_temperatures` in evaluation, as for every
+      output function).
+  """
   expert_logits, aspp = jax.lax.stop_gradient(moes[0].experts(images))
+  expert_sets = {"": expert_logits}
+  if calibration is not None:
+    t = calibration.expert_temperatures.astype(expert_logits.dtype)
+    expert_sets["_mocae"] = expert_logits / t[:, None, None, None, None]
   outputs = {}
   for i, moe in enumerate(moes):
-    out = mixture_outputs(moe.combine(expert_logits, aspp, key=key), members=members,
-                          ev_at=ev_at, experts=i == 0)
-    outputs[f"moe_{i}"] = out.pop("moe")
-    outputs.update(out)
+    routing = moe.route(expert_logits, aspp, key=key)  # one routing for every variant
+    varied = variants is None or variants[i]
+    modes = {"": routing, "_hard": routers.hard(routing)} if varied else {"": routing}
+    for experts_suffix, logits in (expert_sets if varied else {"": expert_logits}).items():
+      for mode, used in modes.items():
+        out = mixture_outputs(
+            {"logits": moe.fuse(logits, used)["logits"], "expert_logits": logits,
+             "routing": routing}, members=members, ev_at=ev_at,
+            experts=not (i or experts_suffix or mode))
+        outputs[f"moe_{i}{experts_suffix}{mode}"] = out.pop("moe")
+        outputs.update(out)
   return outputs
 
 
 @functools.cache
-def mixtures_with(members: str, ev_at: str = "sample"):
+def mixtures_with(members: str, ev_at: str = "sample",
+                  variants: tuple[bool, ...] | None = None):
   """`mixtures` with fixed options, the same object for the same options (see
   `mixture_with`)."""
-  return functools.partial(mixtures, members=members, ev_at=ev_at)
+  return functools.partial(mixtures, members=members, ev_at=ev_at, variants=variants)
 
 
 @functools.cache
@@ -211,11 +280,13 @@ def mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
   return {f"mc_dropout_{passes}": moments_output(uncertainty.scan_members(member, passes))}
 
 
-def single_and_mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, *,
+def single_and_mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array,
+                          calibration: Calibration | None = None, *,
                           passes: tuple[int, ...]) -> dict[str, Output]:
   """The baseline as a deterministic model ("model") and as MC dropout with each T in
   `passes` ("mc_dropout_<T>"), in one compiled call: XLA runs their common backbone pass
   once (it is the same computation on the same images)."""
+  del calibration  # its temperatures apply to the outputs (with_temperatures)
   outputs = single(model, images, key)
   for t in passes:
     outputs.update(mc_dropout(model, images, key, passes=t))
@@ -226,3 +297,23 @@ def single_and_mc_dropout(model: nnx.Module, images: jax.Array, key: jax.Array, 
 def single_and_mc_dropout_with(passes: tuple[int, ...]):
   """`single_and_mc_dropout` with fixed T's, as one reusable (hashable) output function."""
   return functools.partial(single_and_mc_dropout, passes=tuple(passes))
+
+
+def disagreement(outputs: dict[str, Output], experts: tuple[str, ...], moe: str) -> jax.Array:
+  """The routing-weighted disagreement Σ_k r_k ‖p_k − p̄‖²₂ (`uncertainty.
+  weighted_disagreement`) of the MoE outputs[moe] with the experts outputs[experts[k]],
+  r the weights each pixel's prediction used: [B, H, W]."""
+  weights = routers.member_weights(outputs[moe]["routing"])
+  return uncertainty.weighted_disagreement(
+      jnp.stack([outputs[name]["probs"] for name in experts]), outputs[moe]["probs"], weights)
+
+
+def hard_subset(outputs: dict[str, Output], experts: tuple[str, ...], moe: str,
+                threshold: jax.Array) -> jax.Array:
+  """Wong et al.'s hard pixels: where the experts' argmax classes disagree, or where the
+  MoE's routing-weighted disagreement (`disagreement`) exceeds `threshold` (the
+  calibrate stage's top decile on the val split; inf: the first rule alone). bool [B,H,W]."""
+  predictions = [outputs[name]["prediction"] for name in experts]
+  split = functools.reduce(jnp.logical_or, [p != predictions[0] for p in predictions[1:]],
+                           jnp.zeros(predictions[0].shape, bool))
+  return split | (disagreement(outputs, experts, moe) > threshold)

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Mapping
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 import numpy as np
 
@@ -44,7 +45,8 @@ def method_rank(method: str) -> tuple:
   order = ["expert", "ensemble", "moe", "deep_ensemble", "baseline", "mc_dropout"]
   family = next((i for i, f in enumerate(order) if method == f or method.startswith(f + "_")),
                 len(order))
-  number = int(method.rsplit("_", 1)[1]) if method.startswith("mc_dropout_") else 0
+  number = (int(method.removeprefix("mc_dropout_").split("_")[0])
+            if method.startswith("mc_dropout_") else 0)  # mc_dropout_<T>[_ts]
   return family, number, method
 
 
@@ -547,6 +549,47 @@ def routing_stability(results: dict, path: Path) -> Path:
   return _save(fig, path)
 
 
+# ------------------------------------------------------- accuracy-calibration trade-off
+
+VARIANT_MARKERS = {"": "o", "hard": "^", "ts": "s", "mocae": "D", "mocae_hard": "v",
+                   "mocae_ts": "P"}
+
+
+def accuracy_calibration(results: dict, path: Path) -> Path:
+  """mIoU against max-softmax ECE of every method and variant (calibration_report's
+  trade-off), one panel for the ID split and one for the OOD split; each method's variants
+  share its colour, the marker says the variant."""
+  from moe_jax import calibration_report
+  in_split, ood_split = results.get("ood_splits") or [None, None]
+  splits = [s for s in dict.fromkeys([in_split or next(iter(results["splits"])), ood_split])
+            if s]
+  variants = results.get("variants") or {}
+  colors = _colors(results)
+  fig = Figure(figsize=(6.2 * len(splits), 5.6), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, len(splits)))
+  for ax, split in zip(axes, splits):
+    for method in calibration_report.compared_methods(results, splits[0]):
+      entry = results["splits"].get(split, {}).get(method) or {}
+      ece = (entry.get("calibration") or {}).get("max_softmax", {}).get("ece")
+      if ece is None or entry.get("miou") is None:
+        continue
+      kind = variants.get(method, {"of": method, "variant": ""})
+      ax.scatter(100 * ece, 100 * entry["miou"], s=60 if _is_moe(method) else 40,
+                 marker=VARIANT_MARKERS.get(kind["variant"], "o"),
+                 color=colors.get(kind["of"], "gray"), edgecolor="black", linewidth=0.5)
+      ax.annotate(method, (100 * ece, 100 * entry["miou"]), fontsize=6,
+                  xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("ECE (%, max softmax, 15 bins; lower is better)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(f"{split} ({'OOD' if split == ood_split else 'ID'})", fontsize=10)
+    ax.grid(alpha=0.3)
+  handles = {name or "as trained": Line2D([], [], marker=marker, ls="", color="gray")
+             for name, marker in VARIANT_MARKERS.items()}
+  _legend_below(fig, handles)
+  fig.suptitle("Accuracy–calibration trade-off (up and left is better)", fontsize=11)
+  return _save(fig, path)
+
+
 def _plotted_splits(results: dict) -> list[str]:
   """The first clean split and the OOD pair's splits."""
   clean = [s for s in results["splits"] if not _is_corrupted(s)]
@@ -573,6 +616,9 @@ def _jobs(results: dict, histograms: Arrays, panels: Arrays
   if any(_stored_methods(histograms, s, "gate_histogram")
          for s in results["splits"] if not _is_corrupted(s)):
     yield "gate_weights.png", functools.partial(gate_weights, results, histograms)
+  if results.get("variants") and any(
+      m in results["variants"] for split in results["splits"].values() for m in split):
+    yield "accuracy_calibration.png", functools.partial(accuracy_calibration, results)
   if results.get("routing_stability"):
     yield "routing_stability.png", functools.partial(routing_stability, results)
   for split in dict.fromkeys(key.split("/")[0] for key in panels):

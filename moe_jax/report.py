@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_jax import checkpoint, evaluate, plots, routing_report
+from moe_jax import calibration_report, checkpoint, evaluate, plots, routing_report
 from moe_jax.measures import MEASURES
 from moe_jax.plots import method_rank
 
@@ -54,14 +54,14 @@ def conditional_correctness_rows(split_results: dict, thresholds: list) -> list[
 
 
 def _moe_methods(results: dict) -> list[str]:
-  """The deterministic MoE of each gate type (the seed paper's)."""
+  """The deterministic MoE of each gate type trained by ERM (the seed paper's)."""
   return [method for method, kind in _routers(results).items()
-          if kind["router"] == "deterministic"]
+          if kind["router"] == "deterministic" and kind.get("objective", "erm") == "erm"]
 
 
 def _routers(results: dict) -> dict[str, dict]:
-  """{MoE method: {"gate", "router"}} (results before Bayesian routing: one deterministic
-  MoE per gate)."""
+  """{MoE method: {"gate", "router", "objective"}} (results before Bayesian routing: one
+  deterministic MoE per gate; before gate objectives: no "objective", i.e. ERM)."""
   return results.get("routers") or {f"moe_{gate}": {"gate": gate, "router": "deterministic"}
                                     for gate in results["gates"]}
 
@@ -178,6 +178,7 @@ def write(workdir: str | Path) -> Path:
                                                 key=lambda item: method_rank(item[0]))])
   lines += corruption_lines(results)
   lines += [""] + routing_report.lines(results)
+  lines += [""] + calibration_report.lines(results)
   lines += [""] + claims(results, in_split, ood_split)
   figures = plots.write_all(workdir)
   if figures:

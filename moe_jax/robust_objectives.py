@@ -199,10 +199,9 @@ def pixel_regret_and_disagreement(
       jnp.minimum, [pixel_nll(expert_log_probs[k], labels)[0] for k in range(num_experts)])
   regret = jnp.where(valid, jnp.maximum(mix_nll - best_nll, 0.0), 0.0)
 
-  mix_p = jnp.exp(_float(mixture_log_probs))
   r = jnp.moveaxis(jnp.broadcast_to(_float(weights), (*labels.shape, num_experts)), -1, 0)
-  sq_dist = jnp.sum(jnp.square(jnp.exp(_float(expert_log_probs)) - mix_p), axis=-1)
-  dis = jnp.where(valid, uncertainty.sum_members(r * sq_dist), 0.0)
+  dis = jnp.where(valid, uncertainty.weighted_disagreement(
+      jnp.exp(_float(expert_log_probs)), jnp.exp(_float(mixture_log_probs)), r), 0.0)
   return regret, dis, valid
 
 

@@ -60,7 +60,9 @@ def _verdict(flags: list[bool | None]) -> str:
 def lines(results: dict) -> list[str]:
   """Markdown lines of the section ([] when the run has no stochastic router)."""
   gates = results.get("gates") or []
-  routers = dict(sorted((results.get("routers") or {}).items(), key=lambda item: (
+  trained_by_erm = {method: kind for method, kind in (results.get("routers") or {}).items()
+                    if kind.get("objective", "erm") == "erm"}
+  routers = dict(sorted(trained_by_erm.items(), key=lambda item: (
       gates.index(item[1]["gate"]) if item[1]["gate"] in gates else len(gates),
       item[1]["router"] != "deterministic", item[0])))
   if all(kind["router"] == "deterministic" for kind in routers.values()):

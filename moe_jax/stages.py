@@ -44,7 +44,8 @@ class Stage:
       config turns the stage off).
     model: (config, checkpoint name) -> the model that checkpoint holds, freshly built
       (the restore target; training starts from it unless `training_model` is given).
-    loss: (model, batch) -> scalar; a module-level function (static under jit).
+    loss: (config, checkpoint name) -> (model, batch) -> scalar, the same object each
+      time (static under jit). batch also holds "step" (1-based) and "total_steps".
     train_splits: config -> the split each member trains on (one for a plain model).
     stacked: the model has a leading member axis; member k takes batches of
       train_splits[k], stacked to [K, B, ...].
@@ -83,6 +84,11 @@ def _expert_names(config: Config) -> list[str]:
   return input_pipeline.expert_names(config.data)
 
 
+def expert_methods(config: Config) -> list[str]:
+  """The experts' method names, in expert order: "expert_<name>"."""
+  return [f"expert_{name}" for name in _expert_names(config)]
+
+
 def _expert_splits(config: Config, part: str) -> list[str]:
   return [input_pipeline.expert_split(config.data, name, part)
           for name in _expert_names(config)]
@@ -104,16 +110,18 @@ def _stacked_members(members, x, key):
 def _of_one(outputs: Callable) -> Callable:
   """The output function of one model as one taking the 1-tuple of a stage's models (the
   same object for the same function, so jit compiles it once)."""
-  def of_tuple(models, images, key):
+  def of_tuple(models, images, key, calibration=None):
     (model,) = models
-    return outputs(model, images, key)
+    return (outputs(model, images, key) if calibration is None
+            else outputs(model, images, key, calibration))
   return of_tuple
 
 
 def _baseline_evaluation(config: Config) -> tuple[Callable, dict[str, str]]:
   passes = tuple(config.eval.mc_dropout_passes)
+  names = {"model": "baseline", **{f"mc_dropout_{t}": f"mc_dropout_{t}" for t in passes}}
   return (_of_one(methods.single_and_mc_dropout_with(passes)),
-          {"model": "baseline", **{f"mc_dropout_{t}": f"mc_dropout_{t}" for t in passes}})
+          {**names, **{f"{key}_ts": f"{name}_ts" for key, name in names.items()}})
 
 
 @functools.cache
@@ -125,57 +133,98 @@ def _mc_dropout_members(passes: int) -> Members:
 
 # -------------------------------------------------------------------------------- gates
 
-def gate_routers(config: Config) -> list[tuple[str, str]]:
-  """The (gate type, Bayesian router) of every MoE the gate stage trains, in order: each
-  gate of model.gates with "deterministic" (if in model.routers), and each other router
-  of model.routers around each gate of model.bayesian_gates (() = every gate)."""
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+  """One MoE the gate stage trains: gate type (routers.ROUTERS), Bayesian router
+  (bayesian_routers.BAYESIAN_ROUTERS) and training objective (losses.GATE_OBJECTIVES)."""
+  gate: str
+  router: str = "deterministic"
+  objective: str = "erm"
+
+  @property
+  def suffix(self) -> str:
+    """"simple", "simple_mcdr", "simple_robust": the defaults (the paper's
+    deterministic gate trained by ERM) add nothing, so older runs keep their names."""
+    return "_".join([self.gate] + [part for part, default in
+                                   ((self.router, "deterministic"), (self.objective, "erm"))
+                                   if part != default])
+
+  @property
+  def checkpoint(self) -> str:
+    """Its checkpoint: "gate_simple", "gate_simple_mcdr", "gate_simple_robust", ..."""
+    return f"gate_{self.suffix}"
+
+  @property
+  def method(self) -> str:
+    """Its evaluated method: "moe_simple", "moe_simple_mcdr", "moe_simple_robust", ..."""
+    return f"moe_{self.suffix}"
+
+
+def gate_specs(config: Config) -> list[GateSpec]:
+  """Every MoE the gate stage trains, in order: each gate of model.gates with the
+  deterministic router (if in model.routers) trained by ERM and, around each gate of
+  train.objective_gates (() = every gate), by each other objective of
+  train.gate_objectives; then each other router of model.routers around each gate of
+  model.bayesian_gates (() = every gate), trained by ERM (its loss holds its own KL)."""
+  gates = tuple(config.model.gates)
   routers = tuple(config.model.get("routers", ("deterministic",)))
-  bayesian_gates = tuple(config.model.get("bayesian_gates", ())) or tuple(config.model.gates)
-  return [(gate, router) for gate in config.model.gates for router in routers
-          if router == "deterministic" or gate in bayesian_gates]
+  bayesian_gates = tuple(config.model.get("bayesian_gates", ())) or gates
+  objectives = tuple(config.train.get("gate_objectives", ("erm",)))
+  objective_gates = tuple(config.train.get("objective_gates", ())) or gates
+  specs = []
+  for gate in gates:
+    for router in routers:
+      if router == "deterministic":
+        specs += [GateSpec(gate, router, objective) for objective in objectives
+                  if objective == "erm" or gate in objective_gates]
+      elif gate in bayesian_gates:
+        specs.append(GateSpec(gate, router))
+  return specs
 
 
-def _suffix(gate: str, router: str) -> str:
-  return gate if router == "deterministic" else f"{gate}_{router}"
-
-
-def gate_checkpoint(gate: str, router: str = "deterministic") -> str:
-  """The checkpoint of the MoE with gate type `gate` and Bayesian router `router`:
-  "gate_simple" (deterministic, as before Bayesian routing), "gate_simple_mcdr", ..."""
-  return f"gate_{_suffix(gate, router)}"
-
-
-def moe_method(gate: str, router: str = "deterministic") -> str:
-  """The evaluated method of that MoE: "moe_simple", "moe_simple_mcdr", ..."""
-  return f"moe_{_suffix(gate, router)}"
-
-
-def _gate_router(config: Config, name: str) -> tuple[str, str]:
-  for gate, router in gate_routers(config):
-    if gate_checkpoint(gate, router) == name:
-      return gate, router
+def _gate_spec(config: Config, name: str) -> GateSpec:
+  for spec in gate_specs(config):
+    if spec.checkpoint == name:
+      return spec
   raise KeyError(name)
 
 
 def _gate_model(config: Config, name: str) -> nnx.Module:
-  return build.mixture(config, _experts_model(config, "experts"), *_gate_router(config, name))
+  spec = _gate_spec(config, name)
+  return build.mixture(config, _experts_model(config, "experts"), spec.gate, spec.router)
 
 
 def _gate_training_model(config: Config, workdir: Path, name: str) -> nnx.Module:
   """The MoE around the experts stage's best checkpoint (its router freshly initialised)."""
   experts, _ = checkpoint.restore_model(workdir, "experts",
                                         lambda: _experts_model(config, "experts"))
-  return build.mixture(config, experts, *_gate_router(config, name))
+  spec = _gate_spec(config, name)
+  return build.mixture(config, experts, spec.gate, spec.router)
+
+
+# The variants `methods.mixtures` evaluates of each MoE, as suffixes of its method name:
+# top-1 routing, and with the calibrate stage's temperatures the aggregate temperature,
+# MoCaE's tempered experts (soft and hard) and both.
+MOE_VARIANTS = ("", "_hard", "_ts", "_mocae", "_mocae_hard", "_mocae_ts")
+
+
+def moe_variants(config: Config, spec: GateSpec) -> tuple[str, ...]:
+  """The MOE_VARIANTS evaluated of that MoE: all of them when its router is one of
+  eval.variant_routers (() = every router), else only itself ("",)."""
+  routers = tuple(config.eval.get("variant_routers", ()))
+  return MOE_VARIANTS if not routers or spec.router in routers else ("",)
 
 
 def _gates_evaluation(config: Config) -> tuple[Callable, dict[str, str]]:
   """Every MoE (gate type x router) in one call (the frozen experts run once and also give
-  the experts and their uniform ensemble)."""
-  return (methods.mixtures_with(config.eval.moe_members, config.eval.ev_at),
+  the experts and their uniform ensemble), each with its `moe_variants`."""
+  specs = gate_specs(config)
+  return (methods.mixtures_with(config.eval.moe_members, config.eval.ev_at,
+                                tuple(len(moe_variants(config, spec)) > 1 for spec in specs)),
           {"ensemble": "ensemble",
-           **{f"expert_{k}": f"expert_{name}" for k, name in enumerate(_expert_names(config))},
-           **{f"moe_{i}": moe_method(gate, router)
-              for i, (gate, router) in enumerate(gate_routers(config))}})
+           **{f"expert_{k}": name for k, name in enumerate(expert_methods(config))},
+           **{f"moe_{i}{variant}": spec.method + variant
+              for i, spec in enumerate(specs) for variant in moe_variants(config, spec)}})
 
 
 def _moe_members(moe, x, key):
@@ -212,7 +261,7 @@ STAGES: dict[str, Stage] = {
     "experts": Stage(
         checkpoints=lambda config: ("experts",),
         model=_experts_model,
-        loss=losses.expert_loss,
+        loss=lambda config, name: losses.expert_loss,
         train_splits=lambda config: _expert_splits(config, "train"),
         stacked=True,
         validation=_stacked_validation(lambda config: _expert_splits(config, "val")),
@@ -221,7 +270,7 @@ STAGES: dict[str, Stage] = {
     "baseline": Stage(
         checkpoints=lambda config: ("baseline",),
         model=lambda config, name: build.baseline(config),
-        loss=losses.single_loss,
+        loss=lambda config, name: losses.single_loss,
         train_splits=lambda config: [config.data.train_split],
         stacked=False,
         validation=_validation(methods.single, "model"),
@@ -233,7 +282,7 @@ STAGES: dict[str, Stage] = {
         checkpoints=lambda config: ("deep_ensemble",) if config.model.deep_ensemble_members
         else (),
         model=lambda config, name: build.deep_ensemble(config),
-        loss=losses.expert_loss,
+        loss=lambda config, name: losses.expert_loss,
         train_splits=lambda config: ([config.data.train_split]
                                      * config.model.deep_ensemble_members),
         stacked=True,
@@ -241,22 +290,23 @@ STAGES: dict[str, Stage] = {
             lambda config: [config.data.val_split] * config.model.deep_ensemble_members),
         pretrained_backbone=True,
         evaluation=lambda config: (_of_one(methods.deep_ensemble),
-                                   {"deep_ensemble": "deep_ensemble"}),
+                                   {"deep_ensemble": "deep_ensemble",
+                                    "deep_ensemble_ts": "deep_ensemble_ts"}),
         predictor=lambda config, name, passes: ("deep_ensemble", _stacked_members),
         off_reason="config key model.deep_ensemble_members=0"),
     "gate": Stage(
-        checkpoints=lambda config: tuple(gate_checkpoint(*pair)
-                                         for pair in gate_routers(config)),
+        checkpoints=lambda config: tuple(spec.checkpoint for spec in gate_specs(config)),
         model=_gate_model,
         training_model=_gate_training_model,
-        loss=losses.mixture_loss,
+        loss=lambda config, name: losses.gate_loss(
+            _gate_spec(config, name).objective, losses.RobustSettings.from_config(config)),
         train_splits=lambda config: [config.data.train_split],
         stacked=False,
         validation=_validation(methods.mixture_with("weighted", experts=False), "moe"),
         trains=GATE_PARAMS,
         train_mode=False,
         evaluation=_gates_evaluation,
-        predictor=lambda config, name, passes: (moe_method(*_gate_router(config, name)),
+        predictor=lambda config, name, passes: (_gate_spec(config, name).method,
                                                 _moe_members),
         after_step=lambda moe, step, total: moe.gate.after_train_step(step, total)),
 }

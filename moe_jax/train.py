@@ -96,7 +96,8 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
   Args:
     stage: checkpoint/TensorBoard name ("experts", "baseline", "gate", ...).
     model, optimizer: what trains; `optimizer.wrt` decides which parameters move.
-    loss_fn: `loss_fn(model, batch) -> scalar` (static for jit: a module-level function).
+    loss_fn: `loss_fn(model, batch) -> scalar` (static for jit: a module-level function);
+      each batch also holds "step" (this step, 1-based) and "total_steps" (int32).
     batches: `batches(first_step)` -> iterator of batches for steps first_step+1, ...
     total_steps, eval_every: in optimiser steps.
     validate: model (in eval mode) -> validation mIoU.
@@ -136,7 +137,8 @@ def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Cal
       pending = []  # (step, loss, finite) on the device, read at the next readout
       skipped = 0
       for step in range(start + 1, total_steps + 1):
-        pending.append((step, *train_step(loss_fn, model, optimizer, next(stream),
+        batch = {**next(stream), "step": np.int32(step), "total_steps": np.int32(total_steps)}
+        pending.append((step, *train_step(loss_fn, model, optimizer, batch,
                                           nonfinite == "skip")))
         if after_step is not None:
           after_step(model, step, total_steps)
@@ -308,7 +310,8 @@ def _train(config, workdir, name: str, checkpoint_name: str, stage: stages.Stage
   optimizer = nnx.Optimizer(
       model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer"),
       wrt=stage.trains)
-  return fit(checkpoint_name, model=model, optimizer=optimizer, loss_fn=stage.loss,
+  return fit(checkpoint_name, model=model, optimizer=optimizer,
+             loss_fn=stage.loss(config, checkpoint_name),
              batches=batches, total_steps=total, eval_every=eval_every,
              validate=stage.validation(config, checkpoint_name), workdir=workdir,
              keep=config.train.keep_checkpoints, log_every=config.train.log_every,

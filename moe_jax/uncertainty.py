@@ -200,3 +200,21 @@ def routing_decomposition(probs: jax.Array, weights: jax.Array) -> dict[str, jax
           "routing_epistemic": jnp.maximum(total - sample_entropy, 0.0),
           "expert_disagreement": jnp.maximum(sample_entropy - aleatoric, 0.0),
           "aleatoric": aleatoric}
+
+
+def weighted_disagreement(expert_probs: jax.Array, probs: jax.Array,
+                          weights: jax.Array) -> jax.Array:
+  """The experts' routing-weighted disagreement with the mixture, Σ_k r_k ‖p_k − p̄‖²₂
+  (Wong et al.'s "dis"; the trace of the routing-weighted covariance of the expert
+  probability vectors when p̄ = Σ_k r_k p_k). In [0, 2].
+
+  Args:
+    expert_probs: [K, B, H, W, C] p_k.
+    probs: [B, H, W, C] p̄, the mixture's prediction.
+    weights: r_k, broadcastable to [K, B, H, W] (e.g. routers.member_weights).
+
+  Returns:
+    [B, H, W].
+  """
+  squared = jnp.sum(jnp.square(expert_probs.astype(jnp.float32) - probs), axis=-1)
+  return sum_members(jnp.broadcast_to(weights, squared.shape) * squared)

@@ -14,6 +14,7 @@ ROW_KEYS = {"method", "images_per_sec", "images_per_sec_min", "images_per_sec_ma
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_throughput_benchmark_writes_every_row_the_goals_and_a_table(tmp_path):
   out = tmp_path / "bench.json"
   result = subprocess.run(

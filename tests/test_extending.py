@@ -115,6 +115,7 @@ def experts_workdir(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_router_registered_outside_the_package_trains_evaluates_and_predicts(
     experts_workdir):
   """A router written and registered in user code (here) goes through the gate stage,

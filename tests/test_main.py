@@ -126,6 +126,7 @@ def test_rerun_skips_finished_stages(smoke_run, run_main):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_same_command_in_a_fresh_workdir_gives_an_identical_results_json(
     smoke_run, run_main, tmp_path):
   """Determinism across processes: data, training and evaluation again from nothing (with

@@ -39,7 +39,7 @@ def test_mixture_outputs_are_consistent_with_the_forward(gate):
 
 def test_mixtures_of_several_gates_equal_each_mixture_on_its_own():
   moes = (tiny_moe("simple"), tiny_moe("classwise"))  # the same experts (same seed)
-  together, apart = nnx.jit(lambda ms, x: (methods.mixtures(ms, x, None), [
+  together, apart = nnx.jit(lambda ms, x: (methods.mixtures(ms, x, None, variants=(False, False)), [
       methods.mixture(m, x, None) for m in ms]))(moes, IMAGES)
   assert set(together) == {"moe_0", "moe_1", "ensemble", "expert_0", "expert_1", "expert_2"}
   expected = {"moe_0": apart[0]["moe"], "moe_1": apart[1]["moe"],

@@ -69,6 +69,7 @@ def _final_state(workdir: Path, stage: str, step: int) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_kill_9_at_four_points_then_the_same_command_resumes_and_matches(tmp_path):
   """Killed while it prepares the data, while the experts' last checkpoint (step 4) is
   written, once the gate's first checkpoint (step 4 of 8) is complete, and while the

@@ -119,15 +119,20 @@ class MixtureOfExperts(nnx.Module):
     """The router and the fusion on the experts' outputs (logits [K,B,H,W,C], aspp
     [K,B,H/16,W/16,A]), however they were computed; returns what `__call__` does."""
     routing = self.route(expert_logits, aspp, key=key)
+    return {**self.fuse(expert_logits, routing), "expert_logits": expert_logits,
+            "routing": routing}
 
+  def fuse(self, expert_logits: jax.Array, routing: routers.Routing) -> dict:
+    """The experts' logits [K,B,H,W,C] fused with `routing`'s samples: {"logits",
+    "sample_logits"} as in `__call__` (e.g. with `routers.hard(routing)` for top-1 routing,
+    or with tempered expert logits)."""
     def sample_logits(weights):  # one routing sample's fused logits [B, H, W, C]
       logits = routers.fuse_sample(expert_logits, weights, routing.unit)
       return logits if self.fusion_conv is None else self.fusion_conv(logits)
     # Under jit only what the caller reads is computed: the loss reads "sample_logits",
     # evaluation "logits", which streams the samples (memory for one, not R).
     return {"logits": predictive_logits(sample_logits, routing.weights),
-            "sample_logits": jnp.stack([sample_logits(w) for w in routing.weights]),
-            "expert_logits": expert_logits, "routing": routing}
+            "sample_logits": jnp.stack([sample_logits(w) for w in routing.weights])}
 
   def route(self, expert_logits: jax.Array, aspp: jax.Array,
             key: jax.Array | None = None) -> routers.Routing:

@@ -239,6 +239,15 @@ def expected_weights(routing: Routing) -> jax.Array:
   return jnp.mean(routing.weights, axis=0)
 
 
+def hard(routing: Routing) -> Routing:
+  """Top-1 routing: each unit of each routing sample puts weight 1 on its argmax expert
+  (ties: the lowest index) and 0 on the others; the logits and aux losses stay the
+  router's. Fusing with it evaluates each unit's argmax expert alone."""
+  top = jnp.argmax(routing.weights, axis=-1)
+  return routing.replace(weights=jax.nn.one_hot(top, routing.weights.shape[-1],
+                                                dtype=routing.weights.dtype))
+
+
 def member_weights(routing: Routing) -> jax.Array:
   """Expected weights of an "image" or "pixel" routing as member weights broadcastable to
   members' probabilities [K, B, H, W]: [K, B, 1, 1] or [K, B, H, W]."""

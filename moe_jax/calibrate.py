@@ -1,0 +1,226 @@
+"""Stage "calibrate": post-hoc temperatures fitted on the val split -> calibration.json.
+
+After the gate stage, on config.data.val_split (Wong et al., arXiv 2606.20544; MoCaE of
+Oksuz et al.):
+  - one temperature per expert (MoCaE): T_k minimises expert k's NLL of softmax(z_k/T_k);
+    the "<moe>_mocae" methods then fuse the tempered experts z_k/T_k;
+  - one aggregate temperature per method with a "_ts" variant: softmax(log p / T) on the
+    method's predictive distribution p (each MoE, its MoCaE variant, the baseline, each
+    MC dropout and the deep ensemble; the same treatment for every method).
+Every T starts at 1, is fitted by L-BFGS on log T (`moe_jax.temperature`) and clamped to
+calibrate.bounds. The NLL is that of labelled pixels on a fixed grid: every s-th row and
+column of every val image, s the smallest stride that keeps the grid within
+calibrate.max_pixels pixels, so memory does not grow with the split or the image size.
+The fit is deterministic (no sampling; the MoE's routing key is the evaluation's).
+
+The file records the temperatures with the val NLL before and after, and the checkpoints
+they were fitted on: evaluation uses them only while those checkpoints are unchanged, and
+a rerun of this stage refits when they changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moe_jax import checkpoint, input_pipeline, methods, stages, temperature
+from moe_jax.models import build
+
+CALIBRATION_FILE = "calibration.json"
+# Output keys whose predictive distribution gets an aggregate temperature: those whose
+# "<key>_ts" a stage's evaluation names (see stages.STAGES' evaluations).
+TS_SUFFIX = "_ts"
+DISAGREEMENT = "disagreement"
+# The hard subset's disagreement threshold: this quantile of the first MoE's routing-
+# weighted disagreement over the labelled val grid pixels (its top decile).
+HARD_QUANTILE = 0.9
+
+
+def grid_stride(num_images: int, image_size: tuple[int, int], max_pixels: int) -> int:
+  """The smallest s >= 1 with num_images * ceil(H/s) * ceil(W/s) <= max_pixels."""
+  h, w = image_size
+  stride = 1
+  while num_images * math.ceil(h / stride) * math.ceil(w / stride) > max_pixels:
+    stride += 1
+  return stride
+
+
+@nnx.jit(static_argnums=(0, 4, 5, 6))
+def _grid_values(outputs, models, batch, key, methods_: tuple[str, ...], stride: int,
+                 disagreement_of: tuple[tuple[str, ...], str] | None, extras
+                 ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """On the batch's pixel grid: {method: log p [N, C]} of each of `methods_` (and
+  DISAGREEMENT [N], `methods.disagreement` of (expert methods, MoE method)), and the
+  labels [N]; `outputs` is `evaluate.combined_outputs`'."""
+  out = outputs(models, batch["image"].astype(jnp.float32) / 255.0, key, extras)
+  tiny = jnp.finfo(jnp.float32).tiny
+  grid = lambda x: x[:, ::stride, ::stride].reshape(-1, *x.shape[3:])
+  values = {m: grid(jnp.log(jnp.maximum(out[m]["probs"], tiny))) for m in methods_}
+  if disagreement_of is not None:
+    values[DISAGREEMENT] = grid(methods.disagreement(out, *disagreement_of))
+  return values, grid(batch["label"].astype(jnp.int32))
+
+
+def _gather(config, outputs, models, extras, methods_: tuple[str, ...], stride: int,
+            disagreement_of: tuple[tuple[str, ...], str] | None = None
+            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """`_grid_values` over the whole val split, concatenated on the host."""
+  parts, labels = {}, []
+  base = build.key(config.seed)
+  for i, batch in enumerate(input_pipeline.eval_batches(
+      config.data, config.data.val_split, batch_size=config.eval.batch_size)):
+    values, lab = jax.device_get(_grid_values(outputs, models, batch,
+                                              jax.random.fold_in(base, i), methods_, stride,
+                                              disagreement_of, extras))
+    for k, v in values.items():
+      parts.setdefault(k, []).append(v)
+    labels.append(lab)
+  return {k: np.concatenate(v) for k, v in parts.items()}, np.concatenate(labels)
+
+
+@functools.partial(jax.jit, static_argnames=("bounds", "iterations"))
+def _fit(log_probs: jax.Array, labels: jax.Array, *, bounds: tuple[float, float],
+         iterations: int) -> jax.Array:
+  """[T, val NLL at T = 1, val NLL at T] of one method's grid log-probabilities (compiled
+  once per shape: every method's grid has the same)."""
+  t = temperature.fit_temperature(log_probs, labels, bounds=bounds, iterations=iterations)
+  return jnp.stack([t, temperature.nll(jnp.float32(0.0), log_probs, labels),
+                    temperature.nll(jnp.log(t), log_probs, labels)])
+
+
+def _expert_keys(config, rename: dict[str, str]) -> list[str]:
+  """The output keys of the experts (in expert order) among a run's."""
+  by_name = {name: key for key, name in rename.items()}
+  return [by_name[name] for name in stages.expert_methods(config) if name in by_name]
+
+
+def tempered_sources(config, runs: list[tuple]) -> list[str]:
+  """The methods that get an aggregate temperature: the source of each "<method>_ts"."""
+  from moe_jax import evaluate
+  return [name.removesuffix(TS_SUFFIX) for name, kind in evaluate.variants(config, runs).items()
+          if name.endswith(TS_SUFFIX)]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Fits the temperatures (see the module docstring) -> `<workdir>/calibration.json`.
+
+  Skipped when the file exists and was fitted on the current checkpoints.
+
+  Returns:
+    {"val_split", "stride", "pixels", "checkpoints": {name: step}, "settings" (the
+     config's calibrate section),
+     "expert_temperatures": {expert method: T}, "aggregate": {method: T},
+     "val_nll": {method: {"before", "after"}}, "hard_subset": {"moe", "quantile",
+     "disagreement_threshold"}} (method names as in results.json).
+  """
+  from moe_jax import evaluate  # reads data through TensorFlow
+  runs, metas = evaluate.restored_runs(config, workdir)
+  steps = {name: meta["step"] for name, meta in metas.items()}
+  settings = json.loads(config.calibrate.to_json())
+  path = Path(workdir) / CALIBRATION_FILE
+  if path.exists():
+    done = json.loads(path.read_text())
+    if done.get("checkpoints") == steps and done.get("settings") == settings:
+      print(f"calibrate: already fitted ({path}); skipped. Delete it to fit again.")
+      return done
+  start = time.perf_counter()
+  section = config.calibrate
+  stride = grid_stride(input_pipeline.num_examples(config.data, config.data.val_split),
+                       tuple(config.data.image_size), section.max_pixels)
+  result = {"val_split": config.data.val_split, "stride": stride, "checkpoints": steps,
+            "settings": settings, "expert_temperatures": {}, "aggregate": {}, "val_nll": {}}
+  experts = stages.expert_methods(config)
+  sources = tempered_sources(config, runs)
+  mocae = [m for m in sources if m.endswith("_mocae")]
+  specs = stages.gate_specs(config)
+  # Every method in one compiled call (evaluate's), first with unit expert temperatures,
+  # then with the fitted ones for the MoCaE variants: the same program, other data.
+  unit = {"expert_temperatures": {e: 1.0 for e in experts}, "aggregate": {}}
+  outputs, extras = evaluate.combined_outputs(config, runs, unit)
+  models = tuple(run_models for _, run_models, _, _ in runs)
+  have_moes = bool(specs) and stages.STAGES["gate"].checkpoints(config) in [r[0] for r in runs]
+  first = [m for m in sources if m not in mocae]
+  log_probs, labels = _gather(config, outputs, models, extras,
+                              tuple(first + (experts if have_moes else [])), stride,
+                              (tuple(experts), specs[0].method) if have_moes else None)
+  labelled = labels != input_pipeline.IGNORE_LABEL
+  result["pixels"] = int(np.sum(labelled))
+  bounds, iterations = tuple(section.bounds), section.iterations
+
+  def fit_all(values, names):
+    for name in names:
+      t, before, after = map(float, _fit(values[name], labels, bounds=bounds,
+                                         iterations=iterations))
+      result["aggregate"][name] = t
+      result["val_nll"][name] = {"before": before, "after": after}
+
+  fit_all(log_probs, first)
+  if have_moes:
+    result["hard_subset"] = {
+        "moe": specs[0].method, "quantile": HARD_QUANTILE,
+        "disagreement_threshold": float(np.quantile(log_probs[DISAGREEMENT][labelled],
+                                                    HARD_QUANTILE))
+        if labelled.any() else float("inf")}
+    # MoCaE: each expert's temperature on its own log-softmax (= its logits up to a
+    # per-pixel constant, which softmax(./T) ignores), then the tempered MoEs' aggregate T.
+    fitted = temperature.fit_expert_temperatures(
+        jnp.stack([log_probs[e] for e in experts]), labels, bounds=bounds,
+        iterations=iterations)
+    result["expert_temperatures"] = {e: float(t) for e, t in zip(experts, np.asarray(fitted))}
+    if mocae:
+      _, extras = evaluate.combined_outputs(config, runs, result)
+      tempered, _ = _gather(config, outputs, models, extras, tuple(mocae), stride)
+      fit_all(tempered, mocae)
+  checkpoint.write_json(path, result)
+  print(f"calibrate: {len(result['aggregate'])} aggregate and "
+        f"{len(result['expert_temperatures'])} expert temperatures on "
+        f"{config.data.val_split} ({result.get('pixels', 0)} pixels, grid stride {stride}) in "
+        f"{time.perf_counter() - start:.0f} s -> {path}")
+  width = max((len(m) for m in result["val_nll"]), default=0) + 2
+  for method, t in result["aggregate"].items():
+    nll = result["val_nll"][method]
+    print(f"  {method:<{width}} T {t:6.3f}   val NLL {nll['before']:.4f} -> {nll['after']:.4f}")
+  for name, t in result["expert_temperatures"].items():
+    print(f"  {name}: T {t:.3f} (MoCaE)")
+  return result
+
+
+def load(config: ml_collections.ConfigDict, workdir: str | Path,
+         metas: dict[str, dict]) -> dict | None:
+  """calibration.json if the calibrate stage fitted it on these checkpoints (metas:
+  {name: meta}), else None (printing why the calibrated variants are left out)."""
+  path = Path(workdir) / CALIBRATION_FILE
+  if not path.exists():
+    print(f"evaluate: no {path.name} (the calibrate stage has not run): the temperature-"
+          "scaled and MoCaE methods are left out.")
+    return None
+  fitted = json.loads(path.read_text())
+  if fitted.get("checkpoints") != {name: meta["step"] for name, meta in metas.items()}:
+    print(f"evaluate: {path} was fitted on other checkpoints: the temperature-scaled and "
+          "MoCaE methods are left out. Run --stages=calibrate to fit them again.")
+    return None
+  return fitted
+
+
+def for_run(config: ml_collections.ConfigDict, fitted: dict | None, rename: dict[str, str]
+            ) -> methods.Calibration | None:
+  """The `methods.Calibration` of one evaluation run (its {output key: method name}) from
+  calibration.json's content; None without one."""
+  if fitted is None:
+    return None
+  temperatures = fitted["expert_temperatures"]  # {expert method: T}, in expert order
+  experts = _expert_keys(config, rename)
+  return methods.Calibration(
+      jnp.asarray([temperatures[rename[key]] for key in experts]
+                  or list(temperatures.values()) or [1.0], jnp.float32),
+      {key: jnp.float32(fitted["aggregate"][name]) for key, name in rename.items()
+       if name in fitted["aggregate"]})
