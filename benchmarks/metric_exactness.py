@@ -12,7 +12,6 @@ per metric; exits 1 if any is above --tolerance (default 1e-3).
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import ml_collections
 import numpy as np
 from sklearn import metrics as skm
 
-from moe_jax import checkpoint, evaluate, input_pipeline, measures, metrics, stages
+from moe_jax import calibrate, checkpoint, evaluate, input_pipeline, measures, metrics
 from moe_jax.models import build
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's --workdir.")
@@ -57,39 +56,34 @@ def fpr_at_95_tpr(negatives: np.ndarray, positives: np.ndarray) -> float:
 
 
 def pixel_maps(config: ml_collections.ConfigDict, workdir: Path, split: str) -> dict:
-  """{method: {measure: float32 [N]} and "incorrect": bool [N]} over the valid pixels."""
+  """{method: {measure: float32 [N]} and "incorrect": bool [N]} over the valid pixels, from
+  evaluation's own compiled call (every method, with the run's calibration)."""
+  runs, metas = evaluate.restored_runs(config, workdir)
+  outputs, extras = evaluate.combined_outputs(config, runs,
+                                              calibrate.load(config, workdir, metas))
+  models = tuple(run_models for _, run_models, _, _ in runs)
+  run = nnx.jit(outputs)
   found: dict[str, dict[str, list]] = {}
-  for stage in stages.STAGES.values():
-    names = stage.checkpoints(config)
-    if stage.evaluation is None or not names:
-      continue
-    outputs, rename = stage.evaluation(config)
-    models = []
-    for name in names:
-      model, _ = checkpoint.restore_model(workdir, name,
-                                          functools.partial(stage.model, config, name))
-      model.eval()
-      models.append(model)
-    model = tuple(models)
-    run = nnx.jit(outputs)
-    base = build.key(config.seed)
-    # As evaluate reads them: a union split part by part, batch i of a part with MC
-    # dropout's key fold_in(key(seed), i).
-    for part in input_pipeline.split_parts(config.data, split):
-      for i, batch in enumerate(input_pipeline.eval_batches(config.data, part,
-                                                            batch_size=config.eval.batch_size)):
-        _add_batch(found, rename, run(model, jnp.asarray(batch["image"], jnp.float32) / 255.0,
-                                      jax.random.fold_in(base, i)), batch, config)
+  base = build.key(config.seed)
+  # As evaluate reads them: a union split part by part, batch i of a part with MC dropout's
+  # key fold_in(key(seed), i).
+  for part in input_pipeline.split_parts(config.data, split):
+    for i, batch in enumerate(input_pipeline.eval_batches(config.data, part,
+                                                          batch_size=config.eval.batch_size)):
+      out = dict(run(models, jnp.asarray(batch["image"], jnp.float32) / 255.0,
+                     jax.random.fold_in(base, i), extras))
+      out.pop(evaluate.HARD_SUBSET, None)
+      _add_batch(found, out, batch, config)
   return {method: {k: np.concatenate(v) for k, v in maps.items()}
           for method, maps in found.items()}
 
 
-def _add_batch(found: dict, rename: dict, out: dict, batch: dict, config) -> None:
+def _add_batch(found: dict, out: dict, batch: dict, config) -> None:
   """Appends a batch's valid pixels of every method's maps to `found`."""
   labels = np.asarray(batch["label"]).astype(np.int64)
   valid = (labels >= 0) & (labels < config.data.num_classes)
-  for key, output in out.items():
-    into = found.setdefault(rename[key], {})
+  for method, output in out.items():
+    into = found.setdefault(method, {})
     into.setdefault("incorrect", []).append((np.asarray(output["prediction"]) != labels)[valid])
     for measure in measures.MEASURES:
       if measure in output:

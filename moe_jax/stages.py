@@ -61,6 +61,9 @@ class Stage:
     off_reason: what turns the stage off (printed when `checkpoints` is empty).
     after_step: (model, step, total steps) -> None, called after each optimiser step
       (the gate stage: SWAG's collection); None: nothing.
+    hold_learning_rate: (config, checkpoint name) -> the fraction of the steps after which
+      the learning rate stays constant (`train.learning_rate`), or None; the gate stage:
+      swagr's collection phase.
   """
   checkpoints: Callable[[Config], tuple[str, ...]]
   model: Callable[[Config, str], nnx.Module]
@@ -76,6 +79,7 @@ class Stage:
   predictor: Callable[[Config, str, int], tuple[str, Members]] | None = None
   off_reason: str = ""
   after_step: Callable[[nnx.Module, int, int], None] | None = None
+  hold_learning_rate: Callable[[Config, str], float | None] | None = None
 
 
 # ------------------------------------------------------------------------------ experts
@@ -308,7 +312,10 @@ STAGES: dict[str, Stage] = {
         evaluation=_gates_evaluation,
         predictor=lambda config, name, passes: (_gate_spec(config, name).method,
                                                 _moe_members),
-        after_step=lambda moe, step, total: moe.gate.after_train_step(step, total)),
+        after_step=lambda moe, step, total: moe.gate.after_train_step(step, total),
+        hold_learning_rate=lambda config, name: (
+            config.model.routing.swag_start
+            if _gate_spec(config, name).router == "swagr" else None)),
 }
 
 

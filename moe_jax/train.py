@@ -31,21 +31,37 @@ from moe_jax import checkpoint, evaluate, input_pipeline, methods, metrics, stag
 from moe_jax.config_checks import ConfigError
 from moe_jax.models import build, pretrained
 
+def learning_rate(config: ml_collections.ConfigDict, total_steps: int, *,
+                  hold_from: float | None = None, key: str = "train.optimizer"):
+  """The learning rate (a float or an optax schedule) of an optimiser config section.
+
+  hold_from: a fraction of total_steps after which the rate stays at the value it has
+  there (SWAG's collection phase: SWA-style constant steps, so the collected iterates
+  spread around the optimum instead of converging); None: the schedule as configured.
+  """
+  if config.schedule == "constant":
+    return config.learning_rate
+  if config.schedule != "cosine":
+    raise ConfigError(f"config key {key}.schedule={config.schedule!r}; use "
+                      "'constant' or 'cosine'.")
+  schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
+  if hold_from is None:
+    return schedule
+  boundary = int(hold_from * total_steps)
+  return optax.join_schedules([schedule, optax.constant_schedule(schedule(boundary))],
+                              [boundary])
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
-                   key: str = "train.optimizer"):
+                   key: str = "train.optimizer", hold_from: float | None = None):
   """optax optimiser from an optimiser config section (`key` names it in errors).
 
   Keys: name ("sgd" | "adamw"), learning_rate, momentum (sgd), weight_decay,
-  schedule ("constant" | "cosine"). SGD's weight decay is added to the gradient before
-  momentum, as torch.optim.SGD does (the reference's optimiser).
+  schedule ("constant" | "cosine"); hold_from: see `learning_rate`. SGD's weight decay is
+  added to the gradient before momentum, as torch.optim.SGD does (the reference's
+  optimiser).
   """
-  if config.schedule == "constant":
-    lr = config.learning_rate
-  elif config.schedule == "cosine":
-    lr = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
-  else:
-    raise ConfigError(f"config key {key}.schedule={config.schedule!r}; use "
-                      "'constant' or 'cosine'.")
+  lr = learning_rate(config, total_steps, hold_from=hold_from, key=key)
   if config.name == "sgd":
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(lr, momentum=config.momentum or None))
@@ -308,7 +324,9 @@ def _train(config, workdir, name: str, checkpoint_name: str, stage: stages.Stage
     pretrained.load_backbone((model.members if stage.stacked else model).backbone, weights)
     print(f"{checkpoint_name}: backbone from {weights}")
   optimizer = nnx.Optimizer(
-      model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer"),
+      model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer",
+                            hold_from=stage.hold_learning_rate(config, checkpoint_name)
+                            if stage.hold_learning_rate else None),
       wrt=stage.trains)
   return fit(checkpoint_name, model=model, optimizer=optimizer,
              loss_fn=stage.loss(config, checkpoint_name),

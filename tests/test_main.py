@@ -7,8 +7,14 @@ import re
 import numpy as np
 import pytest
 
-METHODS = {"expert_highway", "expert_urban", "ensemble", "moe_simple", "moe_classwise",
-           "moe_simple_mfvr", "baseline", "deep_ensemble", "mc_dropout_2"}
+BASE_METHODS = {"expert_highway", "expert_urban", "ensemble", "moe_simple", "moe_classwise",
+                "moe_simple_mfvr", "moe_simple_robust_filtered", "baseline", "deep_ensemble",
+                "mc_dropout_2"}
+# The smoke preset's variants (eval.variant_routers = deterministic; calibrate has run).
+MOE_VARIANTS = ("_hard", "_ts", "_mocae", "_mocae_hard", "_mocae_ts")
+METHODS = (BASE_METHODS | {"baseline_ts", "deep_ensemble_ts", "mc_dropout_2_ts"}
+           | {moe + v for moe in ("moe_simple", "moe_classwise", "moe_simple_robust_filtered")
+              for v in MOE_VARIANTS})
 MEASURES = {"predictive_entropy", "mutual_information", "expert_variance", "gate_entropy"}
 # Every MoE's, from its routing samples (the smoke preset: mfvr around the simple gate).
 ROUTING_MEASURES = {"routing_mutual_information", "routing_epistemic", "expert_disagreement",
@@ -19,8 +25,8 @@ TEST_SPLITS = {"highway_test", "urban_test", "all_test", "ambiguous_test"}
 # frames clean.
 CORRUPTED_SPLITS = {"all_test:clean:0", "all_test:gaussian_noise:1", "all_test:gaussian_noise:5",
                     "all_test:fog:1", "all_test:fog:5"}
-TRAINED = ("experts", "baseline", "deep_ensemble", "gate_simple", "gate_simple_mfvr",
-           "gate_classwise")
+TRAINED = ("experts", "baseline", "deep_ensemble", "gate_simple", "gate_simple_robust_filtered",
+           "gate_simple_mfvr", "gate_classwise")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +41,35 @@ def smoke_run(tmp_path_factory, run_main):
                             env=env)
   assert code == 0, err[-3000:]
   return workdir, out, env
+
+
+def check_calibration(workdir, results):
+  """The calibrate stage's file, the variants' entries, the hard subset and the quantile
+  thresholds in the smoke run's results."""
+  fitted = json.loads((workdir / "calibration.json").read_text())
+  assert results["calibration"] == fitted
+  assert set(fitted["expert_temperatures"]) == {"expert_highway", "expert_urban"}
+  assert set(fitted["aggregate"]) == {m.removesuffix("_ts") for m in METHODS
+                                      if m.endswith("_ts")}
+  for method, t in fitted["aggregate"].items():
+    assert 0.1 <= t <= 10, method
+    nll = fitted["val_nll"][method]
+    assert nll["after"] <= nll["before"] + 1e-6, method
+  assert fitted["checkpoints"] == {name: meta["step"]
+                                   for name, meta in results["checkpoints"].items()}
+  assert fitted["hard_subset"]["moe"] == "moe_simple"
+  assert results["variants"]["moe_simple_mocae_hard"] == {"of": "moe_simple",
+                                                          "variant": "mocae_hard"}
+  for method, entry in results["splits"]["all_test"].items():
+    hard = entry["hard_subset"]
+    assert 0 < hard["pixel_fraction"] <= 1 and 0 <= hard["pixel_accuracy"] <= 1, method
+  base, tempered = (results["splits"]["all_test"][m] for m in ("moe_simple", "moe_simple_ts"))
+  assert tempered["miou"] == base["miou"]  # the prediction is the method's own
+  assert set(tempered["uncertainty"]) == {"predictive_entropy"}
+  assert set(results["splits"]["all_test"]["moe_simple_hard"]["uncertainty"]) == \
+      MEASURES | ROUTING_MEASURES
+  quantiles = base["uncertainty"]["mutual_information"]["at_quantiles"]
+  assert quantiles["quantiles"] == [0.5, 0.9] and len(quantiles["pavpu"]) == 2
 
 
 @pytest.mark.slow
@@ -56,8 +91,9 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
     assert set(methods) == METHODS, split
     for entry in methods.values():
       assert 0.0 <= entry["miou"] <= 1.0 and len(entry["iou_per_class"]) == 38
-  assert set(results["checkpoints"]) == {"gate_simple", "gate_simple_mfvr", "gate_classwise",
-                                         "baseline", "deep_ensemble"}
+  assert set(results["checkpoints"]) == {"gate_simple", "gate_simple_robust_filtered",
+                                         "gate_simple_mfvr", "gate_classwise", "baseline",
+                                         "deep_ensemble"}
   assert len(results["thresholds"]) == 50 and results["thresholds"][0] == 0.01
   for moe in ("moe_simple", "moe_classwise"):
     for measure, entry in results["splits"]["ambiguous_test"][moe]["uncertainty"].items():
@@ -78,11 +114,14 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
   assert set(results["ood"]["moe_classwise"]) == MEASURES | ROUTING_MEASURES
   stability = results["routing_stability"]
   assert stability["split"] == "all_test" and stability["images"] == 4
-  assert set(stability["methods"]) == {"moe_simple", "moe_simple_mfvr", "moe_classwise"}
+  assert set(stability["methods"]) == {"moe_simple", "moe_simple_robust_filtered",
+                                       "moe_simple_mfvr", "moe_classwise"}
   for values in stability["methods"].values():
     assert len(values["top1_agreement"]) == 5 and values["jaccard"] is None  # K = 2
     assert all(0 <= a <= 1 for a in values["top1_agreement"] + values["total_variation"])
-  assert results["routers"]["moe_simple_mfvr"] == {"gate": "simple", "router": "mfvr"}
+  assert results["routers"]["moe_simple_mfvr"] == {"gate": "simple", "router": "mfvr",
+                                                   "objective": "erm"}
+  assert results["routers"]["moe_simple_robust_filtered"]["objective"] == "robust_filtered"
   with np.load(workdir / "histograms.npz") as histograms:  # plain arrays, no pickle
     assert histograms["all_test/moe_simple/histogram/gate_entropy"].shape == (2, 1000)
     # The simple gate counts images (4 + 4 in all_test), the classwise one pixels.
@@ -91,6 +130,7 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
     classwise = histograms["all_test/moe_classwise/gate_histogram"]
     assert classwise.sum(1).tolist() == [histograms["all_test/moe_classwise/sums"][0]] * 2
     np.testing.assert_allclose(histograms["all_test/moe_simple/gate_sum"].sum(), 8, rtol=1e-5)
+  check_calibration(workdir, results)
   with np.load(workdir / "panels.npz") as panels:
     assert panels["urban_test/image"].shape == (1, 32, 48, 3)  # smoke: eval.panel_images=1
     assert panels["urban_test/moe_classwise/gate_entropy"].shape == (1, 32, 48)
@@ -98,7 +138,7 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
   report = (workdir / "report.md").read_text()
   for figure in ("conditional_correctness_all_test", "reliability_ambiguous_test", "ood_roc",
                  "corruption_severity", "gate_weights", "panel_moe_classwise_urban_test",
-                 "routing_stability"):
+                 "routing_stability", "accuracy_calibration"):
     assert (workdir / "plots" / f"{figure}.png").is_file(), figure
     assert f"](plots/{figure}.png)" in report, figure
   assert "## mIoU (%)" in report and "## OOD detection" in report
@@ -106,6 +146,10 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
   assert "2. **Simple vs classwise gate-entropy calibration** (ECE" in report
   assert "## Bayesian routing" in report and "| `moe_simple_mfvr` | mfvr |" in report
   assert "1. **Routing stability up**" in report
+  assert "## Calibration under distribution shift" in report
+  assert "### Hard vs soft routing under shift (the paper's theorem)" in report
+  assert "- `moe_simple_robust_filtered` against `moe_simple` (ERM):" in report
+  assert not list((workdir / "plots").glob("panel_*_hard_*.png"))  # panels: no variants
   miou = results["splits"]["urban_test"]["moe_simple"]["miou"]
   assert "| moe_simple | " in report and f"{100 * miou:.1f}" in report
   assert len(results["class_names"]) == 38
@@ -118,11 +162,12 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
 def test_rerun_skips_finished_stages(smoke_run, run_main):
   workdir, _, env = smoke_run
   code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
-                            "--stages=experts,baseline,deep_ensemble,gate", workdir=workdir,
-                            env=env)
+                            "--stages=experts,baseline,deep_ensemble,gate,calibrate",
+                            workdir=workdir, env=env)
   assert code == 0, err[-3000:]
   for stage in TRAINED:
     assert f"{stage}: already finished" in out
+  assert "calibrate: already fitted" in out
 
 
 @pytest.mark.slow

@@ -240,3 +240,17 @@ def test_deep_ensemble_stage_is_skipped_when_no_members_are_asked_for(capsys):
   assert train.run(config, "/nonexistent", "deep_ensemble") == {}
   assert "deep_ensemble: skipped (config key model.deep_ensemble_members=0)" in \
       capsys.readouterr().out
+
+
+def test_swag_collection_holds_the_learning_rate_from_its_start():
+  config = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-2, momentum=0.0,
+                                          weight_decay=0.0, schedule="cosine"))
+  held = train.learning_rate(config, 100, hold_from=0.5)
+  cosine = train.learning_rate(config, 100)
+  for step in (0, 10, 49, 50):
+    np.testing.assert_allclose(held(step), cosine(step), rtol=1e-6)
+  assert float(cosine(99)) < float(cosine(50))  # the cosine keeps decaying
+  for step in (51, 75, 99, 100):  # the collection phase: constant at its value at step 50
+    np.testing.assert_allclose(held(step), cosine(50), rtol=1e-6)
+  constant = ml_collections.ConfigDict({**config.to_dict(), "schedule": "constant"})
+  assert train.learning_rate(constant, 100, hold_from=0.5) == 1e-2
