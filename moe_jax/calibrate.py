@@ -36,8 +36,7 @@ from moe_jax import checkpoint, input_pipeline, methods, stages, temperature
 from moe_jax.models import build
 
 CALIBRATION_FILE = "calibration.json"
-# Output keys whose predictive distribution gets an aggregate temperature: those whose
-# "<key>_ts" a stage's evaluation names (see stages.STAGES' evaluations).
+# The suffix of an aggregate-temperature variant: "<method>_ts" (`tempered_sources`).
 TS_SUFFIX = "_ts"
 DISAGREEMENT = "disagreement"
 # The hard subset's disagreement threshold: this quantile of the first MoE's routing-
@@ -149,9 +148,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   models = tuple(run_models for _, run_models, _, _ in runs)
   have_moes = bool(specs) and stages.STAGES["gate"].checkpoints(config) in [r[0] for r in runs]
   first = [m for m in sources if m not in mocae]
-  log_probs, labels = _gather(config, outputs, models, extras,
-                              tuple(first + (experts if have_moes else [])), stride,
-                              (tuple(experts), specs[0].method) if have_moes else None)
+  # Both passes gather the same methods, so that they run one compiled program.
+  gathered = (tuple(first + mocae + (experts if have_moes else [])), stride,
+              (tuple(experts), specs[0].method) if have_moes else None)
+  log_probs, labels = _gather(config, outputs, models, extras, *gathered)
   labelled = labels != input_pipeline.IGNORE_LABEL
   result["pixels"] = int(np.sum(labelled))
   bounds, iterations = tuple(section.bounds), section.iterations
@@ -172,13 +172,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         if labelled.any() else float("inf")}
     # MoCaE: each expert's temperature on its own log-softmax (= its logits up to a
     # per-pixel constant, which softmax(./T) ignores), then the tempered MoEs' aggregate T.
-    fitted = temperature.fit_expert_temperatures(
+    fitted = jax.jit(temperature.fit_expert_temperatures,
+                     static_argnames=("bounds", "iterations"))(
         jnp.stack([log_probs[e] for e in experts]), labels, bounds=bounds,
         iterations=iterations)
     result["expert_temperatures"] = {e: float(t) for e, t in zip(experts, np.asarray(fitted))}
     if mocae:
-      _, extras = evaluate.combined_outputs(config, runs, result)
-      tempered, _ = _gather(config, outputs, models, extras, tuple(mocae), stride)
+      _, extras = evaluate.combined_outputs(
+          config, runs, {"expert_temperatures": result["expert_temperatures"], "aggregate": {}})
+      tempered, _ = _gather(config, outputs, models, extras, *gathered)
       fit_all(tempered, mocae)
   checkpoint.write_json(path, result)
   print(f"calibrate: {len(result['aggregate'])} aggregate and "

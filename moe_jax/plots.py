@@ -60,8 +60,10 @@ def _is_corrupted(split: str) -> bool:
 
 
 def _colors(results: dict) -> dict[str, tuple]:
-  """One fixed colour per method of the run (the same in every figure)."""
-  names = sorted({m for split in results["splits"].values() for m in split}, key=method_rank)
+  """One fixed colour per method of the run (the same in every figure; a variant is drawn
+  in its method's)."""
+  names = sorted(primary(results, {m for split in results["splits"].values() for m in split}),
+                 key=method_rank)
   palette = colormaps["tab10" if len(names) <= 10 else "tab20"].colors
   return {m: palette[i % len(palette)] for i, m in enumerate(names)}
 
@@ -75,12 +77,21 @@ def _floats(values) -> np.ndarray:
   return np.asarray(values, dtype=np.float64)
 
 
-def _stored_methods(arrays: Arrays, split: str, name: str) -> list[str]:
-  """Methods with an array "<split>/<method>/<name>", in plotting order."""
+def _stored_methods(arrays: Arrays, split: str, name: str,
+                    results: dict | None = None) -> list[str]:
+  """Methods with an array "<split>/<method>/<name>", in plotting order (without the
+  results' variants when given: see `primary`)."""
   found = {key.split("/")[1] for key in arrays
            if key.startswith(f"{split}/") and key.endswith(f"/{name}") and
            key.count("/") == 2 + name.count("/")}
-  return sorted(found, key=method_rank)
+  return sorted(primary(results, found) if results else found, key=method_rank)
+
+
+def primary(results: dict, methods) -> list[str]:
+  """`methods` without the variants (hard, tempered, MoCaE: results["variants"]); only the
+  accuracy-calibration figure and the report's calibration section show those."""
+  variants = results.get("variants") or {}
+  return [m for m in methods if m not in variants]
 
 
 def _grid(count: int, max_columns: int) -> tuple[int, int]:
@@ -119,7 +130,7 @@ def conditional_correctness(results: dict, split: str, path: Path) -> Path:
   axes = fig.subplots(len(CURVES), len(measures), sharex=True, sharey=True, squeeze=False)
   handles = {}
   for column, measure in enumerate(measures):
-    for method in sorted(entries, key=method_rank):
+    for method in sorted(primary(results, entries), key=method_rank):
       curves = entries[method].get("uncertainty", {}).get(measure)
       if curves is None:
         continue
@@ -173,10 +184,11 @@ def _reliability_panel(ax, histogram: np.ndarray, title: str) -> None:
   ax.set_title(f"{title}\nECE {100 * ece:.1f}%", fontsize="medium")
 
 
-def reliability(histograms: Arrays, split: str, path: Path) -> Path:
+def reliability(results: dict, histograms: Arrays, split: str, path: Path) -> Path:
   """Reliability diagrams of the max-softmax confidence, one panel per method.
 
   Args:
+    results: the loaded results.json (its variants are left out).
     histograms: the loaded histograms.npz ("<split>/<method>/calibration/max_softmax"
       [3, nb]: count, Σ confidence, Σ correct per bin (lo, hi]).
     split: the split to draw.
@@ -185,7 +197,7 @@ def reliability(histograms: Arrays, split: str, path: Path) -> Path:
   Returns:
     path.
   """
-  names = _stored_methods(histograms, split, "calibration/max_softmax")
+  names = _stored_methods(histograms, split, "calibration/max_softmax", results)
   rows, columns = _grid(len(names), 4)
   fig = Figure(figsize=(2.9 * columns, 3.1 * rows + 0.8), layout="constrained")
   axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
@@ -221,7 +233,8 @@ def ood_roc(results: dict, histograms: Arrays, path: Path) -> Path:
   """
   in_split, out_split = results["ood_splits"]
   colors = _colors(results)
-  curves = {measure: [m for m in _stored_methods(histograms, out_split, f"histogram/{measure}")
+  curves = {measure: [m for m in _stored_methods(histograms, out_split, f"histogram/{measure}",
+                                                 results)
                       if f"{in_split}/{m}/histogram/{measure}" in histograms]
             for measure in MEASURES}
   curves = {measure: names for measure, names in curves.items() if names}
@@ -290,7 +303,7 @@ def corruption_severity(results: dict, path: Path) -> Path:
   info = results["corruptions"]
   clean = info.get("clean", info["split"])
   severities = [0, *info["severities"]]
-  names = sorted(results["splits"][clean], key=method_rank)
+  names = sorted(primary(results, results["splits"][clean]), key=method_rank)
   colors = _colors(results)
   columns = ["mean over corruptions", *info["names"]]
   fig = Figure(figsize=(2.7 * len(columns) + 0.8, 7.6), layout="constrained")
@@ -365,7 +378,7 @@ def gate_weights(results: dict, histograms: Arrays, path: Path) -> Path:
     path.
   """
   splits = [s for s in results["splits"] if not _is_corrupted(s)]
-  found = {s: _stored_methods(histograms, s, "gate_histogram") for s in splits}
+  found = {s: _stored_methods(histograms, s, "gate_histogram", results) for s in splits}
   splits = [s for s in splits if found[s]]
   names = sorted({m for s in splits for m in found[s]}, key=method_rank)
   fig = Figure(figsize=(3.6 * len(splits), 3.3 * len(names) + 0.5), layout="constrained")
@@ -604,7 +617,8 @@ def _jobs(results: dict, histograms: Arrays, panels: Arrays
       yield (f"conditional_correctness_{split}.png",
              functools.partial(conditional_correctness, results, split))
     if _stored_methods(histograms, split, "calibration/max_softmax"):
-      yield f"reliability_{split}.png", functools.partial(reliability, histograms, split)
+      yield f"reliability_{split}.png", functools.partial(reliability, results, histograms,
+                                                          split)
   ood = results.get("ood_splits") or []
   if len(ood) == 2 and any(
       _stored_methods(histograms, ood[0], f"histogram/{m}") and

@@ -10,7 +10,7 @@ import numpy as np
 
 from moe_jax import calibration_report, checkpoint, evaluate, plots, routing_report
 from moe_jax.measures import MEASURES
-from moe_jax.plots import method_rank
+from moe_jax.plots import method_rank, primary
 
 REPORT_FILE = "report.md"
 OPERATING_POINT = 0.5
@@ -114,7 +114,7 @@ def corruption_lines(results: dict) -> list[str]:
   lines = ["", f"## Under corruption: {subset} `{info['split']}` (mIoU % / max-softmax ECE %, "
            f"mean over {len(info['names'])} corruptions: {', '.join(info['names'])})", ""]
   rows = []
-  for method in sorted(splits[info["clean"]], key=method_rank):
+  for method in sorted(primary(results, splits[info["clean"]]), key=method_rank):
     mious = evaluate.severity_means(results, method, lambda entry: entry["miou"])
     eces = evaluate.severity_means(
         results, method, lambda entry: entry["calibration"]["max_softmax"]["ece"])
@@ -134,7 +134,9 @@ def write(workdir: str | Path) -> Path:
   results = json.loads(path.read_text())
   config = checkpoint.load_config(workdir)
   splits = [s for s in config["data"]["test_splits"] if s in results["splits"]]
-  methods = sorted(dict.fromkeys(m for s in splits for m in results["splits"][s]),
+  # The variants (hard, tempered, MoCaE) are in the calibration section's table only.
+  methods = sorted(primary(results, dict.fromkeys(m for s in splits
+                                                  for m in results["splits"][s])),
                    key=method_rank)
   thresholds = results["thresholds"]
   in_split, ood_split = results["ood_splits"] or [None, None]
@@ -156,11 +158,13 @@ def write(workdir: str | Path) -> Path:
               "pixels are)", ""]
     lines += _table(["method", "measure", "p(accurate\\|certain)", "p(uncertain\\|inaccurate)",
                      "PAvPU", "PAvPU area", "PAvPU per-image mean", "PAvPU patches"],
-                    conditional_correctness_rows(results["splits"][split], thresholds))
+                    conditional_correctness_rows(
+                        {m: results["splits"][split][m]
+                         for m in primary(results, results["splits"][split])}, thresholds))
     lines += ["", f"## Calibration on `{split}` (ECE %, 15 equal-width bins unless adaptive "
               "(equal-mass); confidence = 1 − u, or the max softmax)", ""]
     rows = []
-    for method in sorted(results["splits"][split], key=method_rank):
+    for method in sorted(primary(results, results["splits"][split]), key=method_rank):
       entry = results["splits"][split][method]
       if "calibration" in entry:
         softmax = entry["calibration"]["max_softmax"]
@@ -174,8 +178,10 @@ def write(workdir: str | Path) -> Path:
               "95% TPR %)", ""]
     lines += _table(["method"] + [f"{MEASURES[m].short} AUROC / FPR95" for m in MEASURES], [
         [method] + [f"{_pct(o[m]['auroc'])} / {_pct(o[m]['fpr_at_95_tpr'])}" if m in o else "–"
-                    for m in MEASURES] for method, o in sorted(results["ood"].items(),
-                                                key=lambda item: method_rank(item[0]))])
+                    for m in MEASURES] for method, o in sorted(
+                        ((m, o) for m, o in results["ood"].items()
+                         if m in primary(results, results["ood"])),
+                        key=lambda item: method_rank(item[0]))])
   lines += corruption_lines(results)
   lines += [""] + routing_report.lines(results)
   lines += [""] + calibration_report.lines(results)

@@ -42,7 +42,17 @@ def run_main():
   def run(*args, workdir, env=None):
     result = subprocess.run(
         [sys.executable, "-m", "moe_jax.main", f"--workdir={workdir}", *args],
-        cwd=repo, capture_output=True, text=True, timeout=600,
+        cwd=repo, capture_output=True, text=True, timeout=900,
         env=None if env is None else {**os.environ, **env})
     return result.returncode, result.stdout, result.stderr
   return run
+
+
+# Files whose tests run for minutes (the smoke pipeline's subprocess, four devices, every
+# Bayesian router) go first, so that xdist's workers start them early and finish together
+# instead of one worker taking the smoke pipeline last.
+FIRST = ("test_main.py", "test_devices.py", "test_bayesian_routers.py")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order

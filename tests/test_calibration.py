@@ -128,19 +128,24 @@ def test_robust_gate_loss_is_erm_during_warmup_then_its_objective(objective):
                                    detach=False, tau_r=1e-6, tau_d=0.01)
   loss = losses.gate_loss(objective, settings)
   assert loss is losses.gate_loss(objective, settings)  # static under jit
-  erm = losses.mixture_loss(moe, _batch(1, 10))
-  np.testing.assert_allclose(loss(moe, _batch(5, 10)), erm, rtol=1e-6)
-  robust = loss(moe, _batch(6, 10))
+  warm, after = _batch(5, 10), _batch(6, 10)  # 5 <= 0.5 * 10 < 6
+
+  @nnx.jit
+  def evaluate(model, first, warm, after):
+    images = after["image"].astype(jnp.float32) / 255.0
+    return (losses.mixture_loss(model, first), loss(model, warm), loss(model, after),
+            nnx.grad(loss)(model, after), model(images)["logits"])
+
+  erm, warmup, robust, grads, logits = evaluate(moe, _batch(1, 10), warm, after)
+  np.testing.assert_allclose(warmup, erm, rtol=1e-6)
   assert np.isfinite(robust) and abs(float(robust) - float(erm)) > 1e-6
-  batch = _batch(6, 10)
-  log_probs = jax.nn.log_softmax(moe(batch["image"].astype(np.float32) / 255.0)["logits"], -1)
-  nll, valid = robust_objectives.per_image_nll(log_probs, jnp.asarray(batch["label"]))
+  nll, _ = robust_objectives.per_image_nll(jax.nn.log_softmax(logits, -1),
+                                           jnp.asarray(after["label"]))
   if objective == "robust":  # Σ softmax(η ℓ) ℓ over the images, between mean and max ℓ
     w = np.exp(2.0 * np.asarray(nll)) / np.sum(np.exp(2.0 * np.asarray(nll)))
     np.testing.assert_allclose(robust, np.sum(w * np.asarray(nll)), rtol=1e-5)
     assert np.mean(nll) < float(robust) < np.max(nll)
   # Gradients reach the gate, never the frozen experts.
-  grads = nnx.grad(loss)(moe, _batch(6, 10))
   assert any(np.any(g != 0) for g in jax.tree.leaves(nnx.state(grads, nnx.PathContains("gate"))))
   assert all(np.all(g == 0) for g in jax.tree.leaves(
       nnx.state(grads, nnx.PathContains("experts"))))

@@ -137,3 +137,63 @@ def test_one_pixel_extreme_logits_and_an_absent_class_give_finite_numbers_in_ran
                   "ece", "mce", "adaptive_ece"):
         curve = [x for x in np.atleast_1d(values[key]) if x is not None]
         assert all(0.0 <= x <= 1.0 for x in curve), (method, measure, key)
+
+
+@pytest.mark.parametrize("max_vmapped_pixels", [None, 144 * 3])
+def test_batch_statistics_of_every_method_equal_each_computed_alone(max_vmapped_pixels,
+                                                                     monkeypatch):
+  """The statistics are computed for all methods (and all maps) at once, stacked (in
+  chunks of 3 maps when the pixels exceed MAX_VMAPPED_PIXELS): each must equal the metric
+  functions on that method's own output, the hard subset's on its pixels."""
+  if max_vmapped_pixels:
+    monkeypatch.setattr(evaluate, "MAX_VMAPPED_PIXELS", max_vmapped_pixels)
+  rng = np.random.default_rng(3)
+  model = _FixedMoE(jnp.asarray(rng.normal(size=(2, 3, 8, 6, 3)) * 2, jnp.float32),
+                    jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)))
+  labels = rng.integers(0, 3, (3, 8, 6)).astype(np.uint8)
+  labels[0, :2] = 255
+  subset = jnp.asarray(rng.random((3, 8, 6)) < 0.4)
+
+  def outputs(model, images, key):
+    return {**_fixed_moe_outputs(model, images, key), evaluate.HARD_SUBSET: subset}
+
+  out = _fixed_moe_outputs(model, None, None)
+  if max_vmapped_pixels:  # traced afresh (batch_statistics' cache would skip the patch)
+    stats = jax.jit(lambda: evaluate._statistics(out, jnp.asarray(labels, jnp.int32), 3,
+                                                 True, 2, subset))()
+  else:
+    batch = {"image": rng.integers(0, 255, (3, 8, 6, 3), np.uint8), "label": labels}
+    stats, _ = evaluate.batch_statistics(outputs, model, batch, jax.random.key(0), 3, True,
+                                         0, 2)
+  assert set(stats) == set(out)
+  y = jnp.asarray(labels, jnp.int32)
+  valid = y < 3
+  for method, output in out.items():
+    correct = output["prediction"] == y
+    expected = {"confusion": metrics.confusion_matrix(y, output["prediction"], 3),
+                "hard/correct": jnp.sum(correct & valid & subset)}
+    for prefix, mask in (("", valid), ("hard/", valid & subset)):
+      expected[prefix + "calibration/max_softmax"] = metrics.calibration_histogram(
+          jnp.max(output["probs"], -1), correct, mask, metrics.FINE_CALIBRATION_BINS)
+      label_prob = jnp.take_along_axis(output["probs"], jnp.where(valid, y, 0)[..., None],
+                                       -1)[..., 0]
+      expected[prefix + "sums"] = [np.sum(mask), None, -np.sum(np.log(label_prob)[mask])]
+    for measure in output:
+      if measure not in evaluate.measures.MEASURES:
+        continue
+      u = output[measure]
+      expected[f"histogram/{measure}"] = metrics.uncertainty_histogram(u, correct, valid)
+      expected[f"detection/{measure}"] = metrics.detection_histogram(u, correct, valid)
+      expected[f"per_image/{measure}"] = metrics.per_image_sums(u, correct, valid)
+      expected[f"patch_histogram/{measure}"] = metrics.patch_uncertainty_histogram(
+          u, correct, valid, 2)
+      expected[f"calibration/{measure}"] = metrics.calibration_histogram(
+          1.0 - u, correct, valid, metrics.FINE_CALIBRATION_BINS)
+    for name, value in expected.items():
+      if name.endswith("sums"):
+        np.testing.assert_allclose(stats[method][name][0], value[0], err_msg=method + name)
+        np.testing.assert_allclose(stats[method][name][2], value[2], rtol=1e-5,
+                                   err_msg=method + name)
+      else:
+        np.testing.assert_allclose(stats[method][name], value, rtol=1e-6, atol=1e-6,
+                                   err_msg=method + name)
