@@ -142,8 +142,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Stage "calibrate" (moe_jax/calibrate.py): temperatures fitted on data.val_split, per
   # expert (MoCaE) and per method (aggregate TS), by L-BFGS on log T, clamped to bounds;
   # on a grid of at most max_pixels val pixels.
+  # expert_region: each expert's temperature on its own domain's val pixels ("domain") or
+  # on the whole val split ("all", as the paper's code, whose experts share one input).
   config.calibrate = ml_collections.ConfigDict(dict(
-      max_pixels=2 ** 18, bounds=(0.1, 10.0), iterations=50))
+      max_pixels=2 ** 18, bounds=(0.1, 10.0), iterations=50, expert_region="domain"))
 
   if preset in ("synthetic", "smoke", "bayes"):
     small = preset == "smoke"

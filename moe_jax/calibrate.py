@@ -2,8 +2,10 @@
 
 After the gate stage, on config.data.val_split (Wong et al., arXiv 2606.20544; MoCaE of
 Oksuz et al.):
-  - one temperature per expert (MoCaE): T_k minimises expert k's NLL of softmax(z_k/T_k);
-    the "<moe>_mocae" methods then fuse the tempered experts z_k/T_k;
+  - one temperature per expert (MoCaE): T_k minimises expert k's NLL of softmax(z_k/T_k)
+    on its own domain's val pixels (calibrate.expert_region "domain": the hard-routing
+    theorem's expert calibrated on its region) or on all (the paper's code, "all"); the
+    "<moe>_mocae" methods then fuse the tempered experts z_k/T_k;
   - one aggregate temperature per method with a "_ts" variant: softmax(log p / T) on the
     method's predictive distribution p (each MoE, its MoCaE variant, the baseline, each
     MC dropout and the deep ensemble; the same treatment for every method).
@@ -71,19 +73,39 @@ def _grid_values(outputs, models, batch, key, methods_: tuple[str, ...], stride:
 
 def _gather(config, outputs, models, extras, methods_: tuple[str, ...], stride: int,
             disagreement_of: tuple[tuple[str, ...], str] | None = None
-            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """`_grid_values` over the whole val split, concatenated on the host."""
-  parts, labels = {}, []
+            ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+  """`_grid_values` over the whole val split (part by part, as evaluation reads a union
+  split), concatenated on the host: (values, labels [N], the part of each pixel [N], an
+  index into `input_pipeline.split_parts` of the val split)."""
+  parts, labels, part_of = {}, [], []
   base = build.key(config.seed)
-  for i, batch in enumerate(input_pipeline.eval_batches(
-      config.data, config.data.val_split, batch_size=config.eval.batch_size)):
-    values, lab = jax.device_get(_grid_values(outputs, models, batch,
-                                              jax.random.fold_in(base, i), methods_, stride,
-                                              disagreement_of, extras))
-    for k, v in values.items():
-      parts.setdefault(k, []).append(v)
-    labels.append(lab)
-  return {k: np.concatenate(v) for k, v in parts.items()}, np.concatenate(labels)
+  for p, part in enumerate(input_pipeline.split_parts(config.data, config.data.val_split)):
+    for i, batch in enumerate(input_pipeline.eval_batches(
+        config.data, part, batch_size=config.eval.batch_size)):
+      values, lab = jax.device_get(_grid_values(outputs, models, batch,
+                                                jax.random.fold_in(base, i), methods_, stride,
+                                                disagreement_of, extras))
+      for k, v in values.items():
+        parts.setdefault(k, []).append(v)
+      labels.append(lab)
+      part_of.append(np.full(lab.shape, p, np.int32))
+  return ({k: np.concatenate(v) for k, v in parts.items()}, np.concatenate(labels),
+          np.concatenate(part_of))
+
+
+def expert_pixels(config, part_of: np.ndarray) -> list[np.ndarray]:
+  """Per expert, the val grid pixels its temperature is fitted on (bool [N]): with
+  calibrate.expert_region "domain", those of its own val split when that is a part of the
+  val split (A2D2: highway_val of all_val; the theorem's expert calibrated on its region),
+  else all; "all": every val pixel (the paper's code, whose experts share one input)."""
+  parts = input_pipeline.split_parts(config.data, config.data.val_split)
+  masks = []
+  for name in input_pipeline.expert_names(config.data):
+    own = input_pipeline.expert_split(config.data, name, "val")
+    masks.append(part_of == parts.index(own)
+                 if config.calibrate.expert_region == "domain" and own in parts
+                 else np.ones(part_of.shape, bool))
+  return masks
 
 
 @functools.partial(jax.jit, static_argnames=("bounds", "iterations"))
@@ -151,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   # Both passes gather the same methods, so that they run one compiled program.
   gathered = (tuple(first + mocae + (experts if have_moes else [])), stride,
               (tuple(experts), specs[0].method) if have_moes else None)
-  log_probs, labels = _gather(config, outputs, models, extras, *gathered)
+  log_probs, labels, part_of = _gather(config, outputs, models, extras, *gathered)
   labelled = labels != input_pipeline.IGNORE_LABEL
   result["pixels"] = int(np.sum(labelled))
   bounds, iterations = tuple(section.bounds), section.iterations
@@ -171,16 +193,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                                     HARD_QUANTILE))
         if labelled.any() else float("inf")}
     # MoCaE: each expert's temperature on its own log-softmax (= its logits up to a
-    # per-pixel constant, which softmax(./T) ignores), then the tempered MoEs' aggregate T.
-    fitted = jax.jit(temperature.fit_expert_temperatures,
-                     static_argnames=("bounds", "iterations"))(
-        jnp.stack([log_probs[e] for e in experts]), labels, bounds=bounds,
-        iterations=iterations)
-    result["expert_temperatures"] = {e: float(t) for e, t in zip(experts, np.asarray(fitted))}
+    # per-pixel constant, which softmax(./T) ignores) over its pixels (`expert_pixels`;
+    # the others ignored, as labels 255), then the tempered MoEs' aggregate T.
+    for expert, own in zip(experts, expert_pixels(config, part_of)):
+      t, before, after = map(float, _fit(log_probs[expert],
+                                         np.where(own, labels, input_pipeline.IGNORE_LABEL),
+                                         bounds=bounds, iterations=iterations))
+      result["expert_temperatures"][expert] = t
+      result["val_nll"][expert] = {"before": before, "after": after}
     if mocae:
       _, extras = evaluate.combined_outputs(
           config, runs, {"expert_temperatures": result["expert_temperatures"], "aggregate": {}})
-      tempered, _ = _gather(config, outputs, models, extras, *gathered)
+      tempered, _, _ = _gather(config, outputs, models, extras, *gathered)
       fit_all(tempered, mocae)
   checkpoint.write_json(path, result)
   print(f"calibrate: {len(result['aggregate'])} aggregate and "
@@ -192,7 +216,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     nll = result["val_nll"][method]
     print(f"  {method:<{width}} T {t:6.3f}   val NLL {nll['before']:.4f} -> {nll['after']:.4f}")
   for name, t in result["expert_temperatures"].items():
-    print(f"  {name}: T {t:.3f} (MoCaE)")
+    nll = result["val_nll"][name]
+    print(f"  {name:<{width}} T {t:6.3f}   val NLL {nll['before']:.4f} -> {nll['after']:.4f} "
+          f"(MoCaE, {config.calibrate.expert_region} pixels)")
   return result
 
 

@@ -166,6 +166,12 @@ def _quantile_rows(results: dict, split: str, method: str) -> list[list[str]]:
   return rows
 
 
+def _region(results: dict) -> str:
+  region = _get(results, "calibration", "settings", "expert_region")
+  return {"domain": "its own domain's val pixels", "all": "every val pixel"}.get(
+      region, "the val split")
+
+
 def lines(results: dict) -> list[str]:
   """Markdown lines of the section ([] when the run has no variant to compare)."""
   in_split, ood_split = results.get("ood_splits") or [None, None]
@@ -176,7 +182,8 @@ def lines(results: dict) -> list[str]:
   out = ["## Calibration under distribution shift", "",
          "Soft routing fuses the experts with the router's weights; `_hard` uses each unit's "
          "argmax expert alone; `_mocae` divides expert k's logits by its temperature T_k "
-         "before the fusion; `_ts` is one temperature on the method's predictive "
+         f"(fitted on {_region(results)}) before the fusion; `_ts` is one temperature on the "
+         "method's predictive "
          "distribution; `_robust` / `_robust_filtered` are gates trained by Wong et al.'s "
          "objectives. Temperatures are fitted on the val split (L-BFGS on log T)."]
   fitted = results.get("calibration")

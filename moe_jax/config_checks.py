@@ -143,6 +143,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_objectives(config)
   positive_int(config.calibrate.max_pixels, "calibrate.max_pixels")
   positive_int(config.calibrate.iterations, "calibrate.iterations")
+  one_of(config.calibrate.expert_region, ("domain", "all"), "calibrate.expert_region")
   bounds = tuple(config.calibrate.bounds)
   if len(bounds) != 2 or not 0 < _positive_float(bounds[0], "calibrate.bounds") <= 1 \
       or _positive_float(bounds[1], "calibrate.bounds") < 1:

@@ -1,6 +1,8 @@
 """Calibration under shift: hard routing, temperature scaling in the outputs, MoCaE, the
 hard subset and its disagreement, and the robust gate loss inside the MoE."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +151,24 @@ def test_robust_gate_loss_is_erm_during_warmup_then_its_objective(objective):
   assert any(np.any(g != 0) for g in jax.tree.leaves(nnx.state(grads, nnx.PathContains("gate"))))
   assert all(np.all(g == 0) for g in jax.tree.leaves(
       nnx.state(grads, nnx.PathContains("experts"))))
+
+
+def test_each_expert_is_calibrated_on_its_own_domain_or_on_all_val_pixels():
+  from moe_jax import calibrate
+  from test_evaluate import smoke_config
+  config = smoke_config()  # A2D2: all_val = highway_val + urban_val, experts (highway, urban)
+  part_of = np.asarray([0, 0, 1, 1, 1])
+  highway, urban = calibrate.expert_pixels(config, part_of)
+  np.testing.assert_array_equal(highway, [True, True, False, False, False])
+  np.testing.assert_array_equal(urban, [False, False, True, True, True])
+  config.calibrate.expert_region = "all"
+  assert all(mask.all() for mask in calibrate.expert_pixels(config, part_of))
+
+
+def test_the_grid_stride_is_the_smallest_that_keeps_the_grid_within_max_pixels():
+  from moe_jax import calibrate
+  assert calibrate.grid_stride(60, (80, 128), 2 ** 20) == 1   # 614400 pixels fit
+  assert calibrate.grid_stride(60, (80, 128), 2 ** 18) == 2   # 153600 <= 262144 < 614400
+  assert calibrate.grid_stride(1, (912, 912), 2 ** 18) == 2   # 456² = 207936
+  assert calibrate.grid_stride(1000, (912, 912), 2 ** 18) == 57  # 16² x 1000 = 256000
+  assert 1000 * math.ceil(912 / 56) ** 2 > 2 ** 18
