@@ -60,7 +60,7 @@ def pixel_maps(config: ml_collections.ConfigDict, workdir: Path, split: str) -> 
   evaluation's own compiled call (every method, with the run's calibration)."""
   runs, metas = evaluate.restored_runs(config, workdir)
   outputs, extras = evaluate.combined_outputs(config, runs,
-                                              calibrate.load(config, workdir, metas))
+                                              calibrate.load(workdir, metas))
   models = tuple(run_models for _, run_models, _, _ in runs)
   run = nnx.jit(outputs)
   found: dict[str, dict[str, list]] = {}

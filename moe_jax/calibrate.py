@@ -222,8 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   return result
 
 
-def load(config: ml_collections.ConfigDict, workdir: str | Path,
-         metas: dict[str, dict]) -> dict | None:
+def load(workdir: str | Path, metas: dict[str, dict]) -> dict | None:
   """calibration.json if the calibrate stage fitted it on these checkpoints (metas:
   {name: meta}), else None (printing why the calibrated variants are left out)."""
   path = Path(workdir) / CALIBRATION_FILE

@@ -596,7 +596,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   ood_splits = list(config.eval.ood_splits)  # checked by config_checks.validate
   corrupted = corrupted_splits(config)
   runs, metas = restored_runs(config, workdir)
-  calibration = calibrate.load(config, workdir, metas)
+  calibration = calibrate.load(workdir, metas)
   thresholds = metrics.REFERENCE_THRESHOLDS
   clean = (f"{config.eval.corruption_split}:clean:0" if config.eval.corruption_frames_per_part
            else config.eval.corruption_split)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import measures, uncertainty
+from moe_jax import temperature as temperature_scaling
 from moe_jax.config_checks import ConfigError
 from moe_jax.models import routers
 
@@ -60,7 +61,7 @@ def tempered(output: Output, temperature: jax.Array) -> Output:
   and PE is that of the new probs; the method's other maps (MI, EV, GE, ...) do not
   depend on T and are left out (they are the untempered method's)."""
   log_probs = jnp.log(jnp.maximum(output["probs"], jnp.finfo(jnp.float32).tiny))
-  probs = jax.nn.softmax(log_probs / temperature, axis=-1)
+  probs = jax.nn.softmax(temperature_scaling.apply(log_probs, temperature), axis=-1)
   return {"prediction": output["prediction"], "probs": probs,
           "predictive_entropy": measures.normalise(
               "predictive_entropy", uncertainty.entropy(probs), probs.shape[-1])}
@@ -190,9 +191,9 @@ def mixtures(moes: tuple[nnx.Module, ...], images: jax.Array, key: jax.Array,
   """
   expert_logits, aspp = jax.lax.stop_gradient(moes[0].experts(images))
   expert_sets = {"": expert_logits}
-  if calibration is not None:
-    t = calibration.expert_temperatures.astype(expert_logits.dtype)
-    expert_sets["_mocae"] = expert_logits / t[:, None, None, None, None]
+  if calibration is not None:  # T_k divides expert k's logits
+    expert_sets["_mocae"] = temperature_scaling.apply(
+        expert_logits, calibration.expert_temperatures).astype(expert_logits.dtype)
   outputs = {}
   for i, moe in enumerate(moes):
     routing = moe.route(expert_logits, aspp, key=key)  # one routing for every variant

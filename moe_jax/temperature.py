@@ -3,10 +3,11 @@
 Two uses, both fitted on a fixed subsample of validation pixels (§B.5, §B.8 of
 `related_seed_methods.md`):
 
-- MoCaE: one temperature T_k per expert, fitted on expert k's logits z_k and applied
-  as softmax(z_k / T_k) before the experts are mixed (`fit_expert_temperatures`).
+- MoCaE: one temperature T_k per expert, fitted on expert k's logits z_k (its own
+  pixels; `moe_jax.calibrate`) and applied as z_k / T_k before the experts are mixed
+  (`apply` on the stacked [K, ...] logits, in `moe_jax.methods.mixtures`).
 - Aggregate: one T fitted on a method's fused log-probabilities log p and applied as
-  softmax(log p / T) (`fit_temperature` on log p, then `tempered_log_probs`).
+  softmax(log p / T) (`fit_temperature` on log p, then `apply`; `methods.tempered`).
 
 The fit minimises the mean NLL over log T with optax's L-BFGS (zoom linesearch),
 starting at T = 1, for a bounded number of iterations, then clamps T into bounds
@@ -156,36 +157,6 @@ def fit_temperature(logits: jax.Array,
   return jnp.where(ok, temperature, fallback).astype(jnp.float32)
 
 
-def fit_expert_temperatures(expert_logits: jax.Array,
-                            labels: jax.Array,
-                            *,
-                            bounds: tuple[float, float] = (0.1, 10.0),
-                            iterations: int = 50,
-                            vectorize: bool = False) -> jax.Array:
-  """One temperature per expert (MoCaE), each fitted on that expert's logits alone.
-
-  Args:
-    expert_logits: float [K, N, C].
-    labels: int [N], shared by the experts; 255 = ignore.
-    bounds, iterations: as in `fit_temperature`.
-    vectorize: False (default): the experts are fitted one after another
-      (`jax.lax.map`), each stopping at its own convergence. True: `jax.vmap`, which
-      runs every expert for as many L-BFGS steps and linesearch evaluations as the
-      slowest needs (converged rows keep evaluating, frozen), ~10x the work on CPU;
-      only worth it where the K fits must run in parallel. Both give the same T up to
-      float rounding.
-
-  Returns:
-    float32 [K]: `fit_temperature(expert_logits[k], labels)` for each k.
-  """
-  def fit(logits: jax.Array) -> jax.Array:
-    return fit_temperature(logits, labels, bounds=bounds, iterations=iterations)
-
-  if vectorize:
-    return jax.vmap(fit)(expert_logits)
-  return jax.lax.map(fit, expert_logits)
-
-
 def apply(logits: jax.Array, temperature: jax.Array) -> jax.Array:
   """logits / T.
 
@@ -201,16 +172,3 @@ def apply(logits: jax.Array, temperature: jax.Array) -> jax.Array:
   if temperature.ndim:
     temperature = temperature.reshape(temperature.shape + (1,) * (logits.ndim - 1))
   return logits.astype(jnp.float32) / temperature
-
-
-def tempered_log_probs(log_probs: jax.Array, temperature: jax.Array) -> jax.Array:
-  """log_softmax(log p / T) over the last axis (the aggregate temperature).
-
-  Args:
-    log_probs: float [..., C], e.g. a method's fused log-probabilities.
-    temperature: as in `apply`.
-
-  Returns:
-    float32 [..., C], normalised log-probabilities.
-  """
-  return jax.nn.log_softmax(apply(log_probs, temperature), axis=-1)

@@ -1,6 +1,7 @@
 """Calibration under shift: hard routing, temperature scaling in the outputs, MoCaE, the
 hard subset and its disagreement, and the robust gate loss inside the MoE."""
 
+import json
 import math
 
 import jax
@@ -172,3 +173,46 @@ def test_the_grid_stride_is_the_smallest_that_keeps_the_grid_within_max_pixels()
   assert calibrate.grid_stride(1, (912, 912), 2 ** 18) == 2   # 456² = 207936
   assert calibrate.grid_stride(1000, (912, 912), 2 ** 18) == 57  # 16² x 1000 = 256000
   assert 1000 * math.ceil(912 / 56) ** 2 > 2 ** 18
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.gate_objectives", ("erm", "dro"), "config key train.gate_objectives=('erm', 'dro') "
+     "must name distinct objectives from ('erm', 'robust', 'robust_filtered')"),
+    ("train.objective_gates", ("pixel",), "config key train.objective_gates=('pixel',) must "
+     "name gates of model.gates"),
+    ("train.robust.unit", "patch", "config key train.robust.unit='patch'; use 'image' or "
+     "'pixel'"),
+    ("train.robust.warmup", 1.0, "config key train.robust.warmup=1.0 must be a fraction"),
+    ("calibrate.bounds", (2.0, 10.0), "config key calibrate.bounds=(2.0, 10.0) must be "
+     "(lowest, highest) temperatures with 0 < lowest <= 1 <= highest"),
+    ("calibrate.expert_region", "mine", "config key calibrate.expert_region='mine'; use "
+     "'domain' or 'all'"),
+    ("eval.variant_routers", ("hard",), "config key eval.variant_routers=('hard',) must name "
+     "routers of"),
+])
+def test_bad_calibration_and_objective_config_says_which_key(key, value, message):
+  from moe_jax import config_checks
+  from test_evaluate import smoke_config
+  config = smoke_config()
+  *path, last = key.split(".")
+  section = config
+  for part in path:
+    section = section[part]
+  section[last] = value
+  with pytest.raises(config_checks.ConfigError) as error:
+    config_checks.validate(config)
+  assert str(error.value).startswith(message), str(error.value)
+
+
+def test_evaluation_leaves_the_calibrated_methods_out_without_a_matching_fit(tmp_path, capsys):
+  from moe_jax import calibrate
+  metas = {"gate_simple": {"step": 8}}
+  assert calibrate.load(tmp_path, metas) is None
+  assert "no calibration.json (the calibrate stage has not run)" in capsys.readouterr().out
+  fitted = {"checkpoints": {"gate_simple": 4}, "expert_temperatures": {}, "aggregate": {}}
+  (tmp_path / calibrate.CALIBRATION_FILE).write_text(json.dumps(fitted))
+  assert calibrate.load(tmp_path, metas) is None
+  assert "was fitted on other checkpoints" in capsys.readouterr().out
+  fitted["checkpoints"] = {"gate_simple": 8}
+  (tmp_path / calibrate.CALIBRATION_FILE).write_text(json.dumps(fitted))
+  assert calibrate.load(tmp_path, metas) == fitted
