@@ -56,11 +56,15 @@ def mixture_loss(moe: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
   Bayesian routers; der's M members each learn from their own), plus the router's
   auxiliary losses (e.g. β·KL; none for deterministic routers)."""
   out = moe(batch["image"].astype(jnp.float32) / 255.0)
-  loss = jnp.mean(jnp.stack([cross_entropy(sample, batch["label"])
-                             for sample in out["sample_logits"]]))
+  loss = _samples_cross_entropy(out, batch["label"])
   for aux in out["routing"].aux_losses.values():
     loss = loss + aux
   return loss
+
+
+def _samples_cross_entropy(out: dict, labels: jax.Array) -> jax.Array:
+  """The mean over an MoE output's routing samples of each sample's cross-entropy."""
+  return jnp.mean(jnp.stack([cross_entropy(sample, labels) for sample in out["sample_logits"]]))
 
 
 # The gate stage's training objectives (config train.gate_objectives), Wong et al., arXiv
@@ -113,7 +117,7 @@ def robust_mixture_loss(moe: nnx.Module, batch: dict[str, jax.Array], *, objecti
   """
   out = moe(batch["image"].astype(jnp.float32) / 255.0)
   labels = batch["label"].astype(jnp.int32)
-  erm = jnp.mean(jnp.stack([cross_entropy(sample, labels) for sample in out["sample_logits"]]))
+  erm = _samples_cross_entropy(out, labels)
   log_probs = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
   pixel = settings.unit == "pixel"
   eta = settings.pixel_eta if pixel else settings.eta
