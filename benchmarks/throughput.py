@@ -261,7 +261,8 @@ def training_rate(config, *, repetitions: int) -> dict:
   batch = {"image": jnp.asarray(rng.integers(0, 256, (*shape, 3), np.uint8)),
            "label": jnp.asarray(rng.integers(0, config.data.num_classes, shape, np.uint8))}
   seconds = time_calls(
-      {"step": lambda: train.train_step(losses.expert_loss, members, optimizer, batch)[0]},
+      {"step": lambda: train.train_step((losses.expert_loss,), (members,), (optimizer,),
+                                        batch)[0]},
       warmup=2, repetitions=repetitions)["step"]
   return {"images_per_sec": num * section.batch_size / statistics.median(seconds),
           "experts": num, "batch_size": section.batch_size}

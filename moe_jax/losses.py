@@ -50,12 +50,30 @@ def single_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
   return cross_entropy(logits, batch["label"])
 
 
+def with_expert_outputs(moes: tuple[nnx.Module, ...], batch: dict[str, jax.Array]
+                        ) -> dict[str, jax.Array]:
+  """The batch plus "experts": the frozen experts' outputs (logits [K,B,H,W,C], ASPP
+  features [K,B,H/16,W/16,A]) on batch["image"], computed once for every MoE of a
+  training step (they share the experts; the gate stage's `shared`)."""
+  images = batch["image"].astype(jnp.float32) / 255.0
+  return {**batch, "experts": jax.lax.stop_gradient(moes[0].experts(images))}
+
+
+def mixture_output(moe: nnx.Module, batch: dict[str, jax.Array]) -> dict:
+  """The MoE's forward on batch["image"] (see `MixtureOfExperts`), from batch["experts"]
+  when the training step already ran the experts (`with_expert_outputs`)."""
+  if "experts" in batch:
+    return moe.combine(*batch["experts"])
+  return moe(batch["image"].astype(jnp.float32) / 255.0)
+
+
 def mixture_loss(moe: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-  """The MoE on batch {"image": uint8 [B, H, W, 3], "label": [B, H, W]}: the mean over its
-  routing samples of each sample's cross-entropy (one sample for deterministic and most
-  Bayesian routers; der's M members each learn from their own), plus the router's
-  auxiliary losses (e.g. β·KL; none for deterministic routers)."""
-  out = moe(batch["image"].astype(jnp.float32) / 255.0)
+  """The MoE on batch {"image": uint8 [B, H, W, 3], "label": [B, H, W]} (and optionally
+  "experts", see `mixture_output`): the mean over its routing samples of each sample's
+  cross-entropy (one sample for deterministic and most Bayesian routers; der's M members
+  each learn from their own), plus the router's auxiliary losses (e.g. β·KL; none for
+  deterministic routers)."""
+  out = mixture_output(moe, batch)
   loss = _samples_cross_entropy(out, batch["label"])
   for aux in out["routing"].aux_losses.values():
     loss = loss + aux
@@ -115,7 +133,7 @@ def robust_mixture_loss(moe: nnx.Module, batch: dict[str, jax.Array], *, objecti
   stage's steps (batch["step"], batch["total_steps"], which the training loop adds;
   without them the robust loss applies from the start).
   """
-  out = moe(batch["image"].astype(jnp.float32) / 255.0)
+  out = mixture_output(moe, batch)
   labels = batch["label"].astype(jnp.int32)
   erm = _samples_cross_entropy(out, labels)
   log_probs = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)

@@ -213,16 +213,9 @@ def mixtures(moes: tuple[nnx.Module, ...], images: jax.Array, key: jax.Array,
 @functools.cache
 def mixtures_with(members: str, ev_at: str = "sample",
                   variants: tuple[bool, ...] | None = None):
-  """`mixtures` with fixed options, the same object for the same options (see
-  `mixture_with`)."""
-  return functools.partial(mixtures, members=members, ev_at=ev_at, variants=variants)
-
-
-@functools.cache
-def mixture_with(members: str, experts: bool = True):
-  """`mixture` with fixed options, as one reusable (hashable) output function: the same
+  """`mixtures` with fixed options, as one reusable (hashable) output function: the same
   object for the same options, so jit compiles it once."""
-  return functools.partial(mixture, members=members, experts=experts)
+  return functools.partial(mixtures, members=members, ev_at=ev_at, variants=variants)
 
 
 def mc_dropout_logits(model: nnx.Module, images: jax.Array, key: jax.Array,

@@ -49,9 +49,11 @@ class Stage:
     train_splits: config -> the split each member trains on (one for a plain model).
     stacked: the model has a leading member axis; member k takes batches of
       train_splits[k], stacked to [K, B, ...].
-    validation: (config, checkpoint name) -> (model -> validation mIoU).
-    training_model: (config, workdir, checkpoint name) -> the model training starts from
-      (the gate: the trained experts around a fresh router); default `model`.
+    validation: (config, checkpoint names) -> (their models -> each one's validation
+      mIoU), all of them in one pass over the val data.
+    training_models: (config, workdir, checkpoint names) -> the models training starts
+      from (the gate: the trained experts, one module shared by every MoE, each around a
+      fresh router); default `model` of each.
     trains: the nnx filter of the parameters that train.
     train_mode: False keeps the whole model in eval mode while training (frozen experts).
     pretrained_backbone: model.backbone_weights initialises its backbone(s).
@@ -64,14 +66,17 @@ class Stage:
     hold_learning_rate: (config, checkpoint name) -> the fraction of the steps after which
       the learning rate stays constant (`train.learning_rate`), or None; the gate stage:
       swagr's collection phase.
+    shared: (models, batch) -> the batch plus what every checkpoint's loss reads, computed
+      once per step for all of them (`train.train_step`; the gate stage: the frozen
+      experts' outputs); None: nothing shared.
   """
   checkpoints: Callable[[Config], tuple[str, ...]]
   model: Callable[[Config, str], nnx.Module]
   loss: Callable
   train_splits: Callable[[Config], list[str]]
   stacked: bool
-  validation: Callable[[Config, str], Callable[[nnx.Module], float]]
-  training_model: Callable[[Config, Path, str], nnx.Module] | None = None
+  validation: Callable[[Config, tuple[str, ...]], Callable[[tuple], list[float]]]
+  training_models: Callable[[Config, Path, tuple[str, ...]], tuple] | None = None
   trains: object = nnx.Param
   train_mode: bool = True
   pretrained_backbone: bool = False
@@ -80,6 +85,7 @@ class Stage:
   off_reason: str = ""
   after_step: Callable[[nnx.Module, int, int], None] | None = None
   hold_learning_rate: Callable[[Config, str], float | None] | None = None
+  shared: Callable[[tuple, dict], dict] | None = None
 
 
 # ------------------------------------------------------------------------------ experts
@@ -198,12 +204,14 @@ def _gate_model(config: Config, name: str) -> nnx.Module:
   return build.mixture(config, _experts_model(config, "experts"), spec.gate, spec.router)
 
 
-def _gate_training_model(config: Config, workdir: Path, name: str) -> nnx.Module:
-  """The MoE around the experts stage's best checkpoint (its router freshly initialised)."""
+def _gate_training_models(config: Config, workdir: Path, names: tuple[str, ...]
+                          ) -> tuple[nnx.Module, ...]:
+  """The MoEs of `names` around one module, the experts stage's best checkpoint (each
+  router freshly initialised)."""
   experts, _ = checkpoint.restore_model(workdir, "experts",
                                         lambda: _experts_model(config, "experts"))
-  spec = _gate_spec(config, name)
-  return build.mixture(config, experts, spec.gate, spec.router)
+  return tuple(build.mixture(config, experts, spec.gate, spec.router)
+               for spec in map(functools.partial(_gate_spec, config), names))
 
 
 # The variants `methods.mixtures` evaluates of each MoE, as suffixes of its method name:
@@ -240,20 +248,28 @@ def _moe_members(moe, x, key):
 # train and its validations read data through TensorFlow: imported when a stage trains, so
 # that restoring and predicting never import it.
 
-def _validation(outputs: Callable, method: str):
-  def make(config: Config, name: str) -> Callable[[nnx.Module], float]:
-    del name
+def _validation(outputs: Callable, key: str):
+  def make(config: Config, names: tuple[str, ...]) -> Callable[[tuple], list[float]]:
+    del names  # one checkpoint
     from moe_jax import train
-    return train.validation(config, outputs, method)
+    return train.validation(config, _of_one(outputs), [key])
   return make
 
 
 def _stacked_validation(val_splits: Callable[[Config], list[str]]):
-  def make(config: Config, name: str) -> Callable[[nnx.Module], float]:
-    del name
+  def make(config: Config, names: tuple[str, ...]) -> Callable[[tuple], list[float]]:
+    del names  # one checkpoint
     from moe_jax import train
     return train.stacked_validation(config, val_splits(config))
   return make
+
+
+def _gates_validation(config: Config, names: tuple[str, ...]) -> Callable[[tuple], list[float]]:
+  """Each MoE's mIoU, all around the experts run once per batch."""
+  from moe_jax import train
+  return train.validation(config, methods.mixtures_with("weighted",
+                                                        variants=(False,) * len(names)),
+                          [f"moe_{i}" for i in range(len(names))])
 
 
 # Parameters the gate stage trains; everything else in the MoE (the experts) is frozen.
@@ -301,12 +317,12 @@ STAGES: dict[str, Stage] = {
     "gate": Stage(
         checkpoints=lambda config: tuple(spec.checkpoint for spec in gate_specs(config)),
         model=_gate_model,
-        training_model=_gate_training_model,
+        training_models=_gate_training_models,
         loss=lambda config, name: losses.gate_loss(
             _gate_spec(config, name).objective, losses.RobustSettings.from_config(config)),
         train_splits=lambda config: [config.data.train_split],
         stacked=False,
-        validation=_validation(methods.mixture_with("weighted", experts=False), "moe"),
+        validation=_gates_validation,
         trains=GATE_PARAMS,
         train_mode=False,
         evaluation=_gates_evaluation,
@@ -315,7 +331,8 @@ STAGES: dict[str, Stage] = {
         after_step=lambda moe, step, total: moe.gate.after_train_step(step, total),
         hold_learning_rate=lambda config, name: (
             config.model.routing.swag_start
-            if _gate_spec(config, name).router == "swagr" else None)),
+            if _gate_spec(config, name).router == "swagr" else None),
+        shared=losses.with_expert_outputs),
 }
 
 

@@ -1,11 +1,13 @@
 """Training: optimisers, the one compiled train step, the loop, and running a stage.
 
 Every stage of `moe_jax.stages.STAGES` (experts, baseline, deep_ensemble, gate) is the same
-loop (`fit`) around the same compiled step (`train_step`) with the model, loss, batches
+loop (`fit`) around the same compiled step (`train_step`) with the models, losses, batches
 and optimiser filter its entry names (`run`). Stacked models (the K experts, a deep
 ensemble) take member k's batch from its own stream, stacked to [K, B, ...], so all K
-cost one compiled step; the gate stage trains the router of an MoE whose experts are
-frozen (eval-mode BatchNorm, no dropout, no gradients).
+cost one compiled step. The gate stage trains the routers of its MoEs (one per gate type,
+router and objective) whose experts are frozen (eval-mode BatchNorm, no dropout, no
+gradients), all of them in one loop: each step runs the shared experts once and steps
+every router on its own loss.
 
 Each stage validates (mIoU) and checkpoints every `eval_every_epochs`, keeps the best,
 skips itself when already finished and resumes from its last checkpoint otherwise.
@@ -13,6 +15,8 @@ skips itself when already finished and resumes from its last checkpoint otherwis
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -70,126 +74,198 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
   raise ConfigError(f"config key {key}.name={config.name!r}; use 'sgd' or 'adamw'.")
 
 
-@nnx.jit(static_argnums=(0, 4), donate_argnums=(1, 2))
-def train_step(loss_fn: Callable, model: nnx.Module, optimizer: nnx.Optimizer,
-               batch: dict[str, jax.Array], skip_nonfinite: bool = False
+@nnx.jit(static_argnums=(0, 4, 5), donate_argnums=(1, 2))
+def train_step(loss_fns: tuple[Callable, ...], models: tuple[nnx.Module, ...],
+               optimizers: tuple[nnx.Optimizer, ...], batch: dict[str, jax.Array],
+               skip_nonfinite: bool = False, shared: Callable | None = None
                ) -> tuple[jax.Array, jax.Array]:
-  """One optimiser step on `loss_fn(model, batch)`.
+  """One optimiser step of each model on its own loss, all in one compiled call.
 
-  The optimiser's `wrt` filter decides what trains (e.g. only the gate).
+  Model i steps on `loss_fns[i](models[i], batch)`; `optimizers[i].wrt` decides what
+  trains (e.g. only the gate), the same filter for every model. The models may share
+  modules that do not train (the gate stage's MoEs share the frozen experts):
+  `shared(models, batch)` -> the batch plus what every loss reads, computed once per step
+  outside the gradients (the experts' outputs, `losses.with_expert_outputs`); None: the
+  losses read the batch alone.
 
   Returns:
-    (loss, finite): the loss (float32 scalar) and whether it and every gradient are finite
-    (bool scalar). With `skip_nonfinite`, a step that is not finite changes nothing: the
-    model (BatchNorm statistics and dropout RNG included) and the optimiser keep their
-    state from before it.
+    (losses, finite): float32 [N], each model's loss, and bool [N], whether it and each of
+    its gradients are finite. With `skip_nonfinite`, a model whose step is not finite
+    keeps its state from before it (BatchNorm statistics and dropout RNG included), as
+    does its optimiser; the other models step.
   """
+  if shared is not None:
+    batch = shared(models, batch)
   if skip_nonfinite:
-    # A snapshot of the arrays (nnx.state refers to the live Variables).
-    before = jax.tree.map(lambda x: x, nnx.state((model, optimizer)))
-  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(
-      model, batch)
-  finite = jnp.isfinite(loss) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  optimizer.update(model, grads)
+    # Snapshots of the arrays (nnx.state refers to the live Variables).
+    before = [jax.tree.map(lambda x: x, nnx.state(pair)) for pair in zip(models, optimizers)]
+
+  def total(models, batch):  # model i's parameters reach only loss i
+    each = jnp.stack([loss_fn(model, batch) for loss_fn, model in zip(loss_fns, models)])
+    return jnp.sum(each), each
+
+  (_, each), grads = nnx.value_and_grad(
+      total, argnums=nnx.DiffState(0, optimizers[0].wrt), has_aux=True)(models, batch)
+  finite = jnp.isfinite(each) & jnp.stack([
+      jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grad)]))
+      for grad in grads])
+  for model, optimizer, grad in zip(models, optimizers, grads):
+    optimizer.update(model, grad)
   if skip_nonfinite:
-    after = nnx.state((model, optimizer))
-    nnx.update((model, optimizer), jax.lax.cond(finite, lambda: after, lambda: before))
-  return loss, finite
+    for i, pair in enumerate(zip(models, optimizers)):
+      after = nnx.state(pair)
+      nnx.update(pair, jax.lax.cond(finite[i], lambda: after, lambda: before[i]))
+  return each, finite
 
 
-def fit(stage: str, *, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Callable,
-        batches: Callable[[int], Iterator[dict]], total_steps: int, eval_every: int,
-        validate: Callable[[nnx.Module], float], workdir: str | Path, keep: int,
-        log_every: int, images_per_step: int, train_mode: bool = True,
+@dataclasses.dataclass(frozen=True)
+class Trainee:
+  """One checkpoint `fit` trains.
+
+  Attributes:
+    name: its checkpoint and TensorBoard name ("experts", "gate_simple", ...).
+    model, optimizer: what trains; `optimizer.wrt` decides which parameters move.
+    loss_fn: `loss_fn(model, batch) -> scalar` (static for jit: a module-level function or
+      a cached object); each batch also holds "step" (this step, 1-based) and
+      "total_steps" (int32).
+  """
+  name: str
+  model: nnx.Module
+  optimizer: nnx.Optimizer
+  loss_fn: Callable
+
+
+def fit(trainees: Sequence[Trainee], *, batches: Callable[[int], Iterator[dict]],
+        total_steps: int, eval_every: int,
+        validate: Callable[[tuple[nnx.Module, ...]], Sequence[float]], workdir: str | Path,
+        keep: int, log_every: int, images_per_step: int, train_mode: bool = True,
         section: str | None = None, nonfinite: str = "stop",
-        after_step: Callable[[nnx.Module, int, int], None] | None = None) -> dict:
-  """Trains `model` for `total_steps`, validating and checkpointing every `eval_every`.
+        after_step: Callable[[nnx.Module, int, int], None] | None = None,
+        shared: Callable | None = None) -> dict[str, dict]:
+  """Trains the trainees together for `total_steps` on one stream of batches (one
+  compiled step for all of them), validating and checkpointing each every `eval_every`.
 
-  A finished stage is skipped; an interrupted one resumes from its latest checkpoint
-  (model, optimiser and data position), so the result equals an uninterrupted run's.
+  A finished trainee is skipped; the others resume from their latest checkpoints (model,
+  optimiser and data position), which must be at the same step (`run` groups them), so
+  the result equals an uninterrupted run's.
 
   Args:
-    stage: checkpoint/TensorBoard name ("experts", "baseline", "gate", ...).
-    model, optimizer: what trains; `optimizer.wrt` decides which parameters move.
-    loss_fn: `loss_fn(model, batch) -> scalar` (static for jit: a module-level function);
-      each batch also holds "step" (this step, 1-based) and "total_steps" (int32).
+    trainees: the checkpoints to train (one, or the gate stage's MoEs).
     batches: `batches(first_step)` -> iterator of batches for steps first_step+1, ...
     total_steps, eval_every: in optimiser steps.
-    validate: model (in eval mode) -> validation mIoU.
-    workdir: the run's directory (checkpoints/<stage>, tensorboard/<stage>).
+    validate: the trainees' models (in eval mode) -> each one's validation mIoU.
+    workdir: the run's directory (checkpoints/<name>, tensorboard/<name>).
     keep: checkpoints kept besides the best.
     log_every: steps between loss readouts (each readout waits for the device).
     images_per_step: for the images/s readout.
     train_mode: False keeps the whole model in eval mode (the gate stage: the frozen
       experts' BatchNorm must not drift and their dropout stays off).
-    section: the stage's config section `train.<section>` (default: `stage`), named in
-      error messages.
-    nonfinite: what a step whose loss or gradients are not finite does: "stop" raises
-      FloatingPointError naming the step (no checkpoint is written after it); "skip" leaves
-      the model and optimiser as they were before it and goes on (each skip is printed).
-    after_step: (model, step, total_steps) -> None after each step (e.g. SWAG's collection).
+    section: the stage's config section `train.<section>` (default: the first trainee's
+      name), named in error messages.
+    nonfinite: what a trainee's step whose loss or gradients are not finite does: "stop"
+      raises FloatingPointError naming it and the step (no checkpoint is written after
+      it); "skip" leaves that model and optimiser as they were before it and goes on
+      (each skip is printed).
+    after_step: (model, step, total_steps) -> None after each step, per trainee (e.g.
+      SWAG's collection).
+    shared: what every trainee's loss reads, computed once per step (`train_step`).
 
   Returns:
-    The meta dict of the best checkpoint ({"step", "val_miou", "finished"}).
+    {name: the meta dict of its best checkpoint ({"step", "val_miou", "finished"})}.
   """
-  with checkpoint.StageCheckpoints(workdir, stage, save_every=eval_every, keep=keep) as ckpt:
-    if ckpt.is_finished():
-      return _skipped(stage, ckpt.read_meta(ckpt.best_step()), ckpt.directory)
-    start = 0
-    if ckpt.latest_step() is not None:
-      restored, meta = ckpt.restore(None, _train_state(model, optimizer))
-      nnx.update(model, restored["model"])
-      nnx.update(optimizer, restored["optimizer"])
-      start = meta["step"]
-      print(f"{stage}: resuming from the checkpoint at step {start} of {total_steps}")
-    writer = metric_writers.create_default_writer(
-        str(Path(workdir) / "tensorboard" / stage), just_logging=jax.process_index() > 0)
-    _set_mode(model, train_mode)
+  with contextlib.ExitStack() as stack:
+    ckpts = [stack.enter_context(checkpoint.StageCheckpoints(
+        workdir, trainee.name, save_every=eval_every, keep=keep)) for trainee in trainees]
+    best = {t.name: _skipped(t.name, c.read_meta(c.best_step()), c.directory)
+            for t, c in zip(trainees, ckpts) if c.is_finished()}
+    active = [(t, c) for t, c in zip(trainees, ckpts) if t.name not in best]
+    if not active:
+      return {t.name: best[t.name] for t in trainees}
+    starts = {c.latest_step() or 0 for _, c in active}
+    if len(starts) > 1:
+      raise ValueError(f"fit: {', '.join(t.name for t, _ in active)} resume from different "
+                       f"steps {sorted(starts)}; train them apart (train.run groups them).")
+    start = starts.pop()
+    for trainee, ckpt in active:
+      if start:
+        restored, _ = ckpt.restore(None, _train_state(trainee.model, trainee.optimizer))
+        nnx.update(trainee.model, restored["model"])
+        nnx.update(trainee.optimizer, restored["optimizer"])
+        print(f"{trainee.name}: resuming from the checkpoint at step {start} of {total_steps}")
+    everyone, trainees = trainees, [t for t, _ in active]
+    names = [t.name for t in trainees]
+    models = tuple(t.model for t in trainees)
+    optimizers = tuple(t.optimizer for t in trainees)
+    loss_fns = tuple(t.loss_fn for t in trainees)
+    writers = [metric_writers.create_default_writer(
+        str(Path(workdir) / "tensorboard" / name), just_logging=jax.process_index() > 0)
+        for name in names]
+    for model in models:
+      _set_mode(model, train_mode)
+    # Every array committed to its device, as the step's outputs are: a restored array is
+    # committed and a fresh one is not, and that mix would compile the step a second time
+    # at step 2 (the gate stage's restored experts around fresh routers: ~11 s a gate).
+    state = nnx.state((models, optimizers))
+    nnx.update((models, optimizers), jax.tree.map(lambda x: jax.device_put(x, x.sharding),
+                                                  state))
     stream = batches(start)
     began = time.perf_counter()
+    desc = names[0] if len(names) == 1 else f"{len(names)} checkpoints ({', '.join(names)})"
     with tqdm(total=total_steps * images_per_step, initial=start * images_per_step,
-              unit="img", desc=stage, mininterval=1.0, dynamic_ncols=True) as bar:
-      pending = []  # (step, loss, finite) on the device, read at the next readout
-      skipped = 0
+              unit="img", desc=desc if len(desc) < 60 else desc[:57] + "...",
+              mininterval=1.0, dynamic_ncols=True) as bar:
+      pending = []  # (step, losses, finite) on the device, read at the next readout
+      skipped = [0] * len(names)
       for step in range(start + 1, total_steps + 1):
         batch = {**next(stream), "step": np.int32(step), "total_steps": np.int32(total_steps)}
-        pending.append((step, *train_step(loss_fn, model, optimizer, batch,
-                                          nonfinite == "skip")))
+        pending.append((step, *train_step(loss_fns, models, optimizers, batch,
+                                          nonfinite == "skip", shared)))
         if after_step is not None:
-          after_step(model, step, total_steps)
+          for model in models:
+            after_step(model, step, total_steps)
         bar.update(images_per_step)
         evaluating = step % eval_every == 0 or step == total_steps
         # Read the losses (a device sync) every log_every steps and before every
         # checkpoint, so non-finite weights are never saved.
         if step % log_every == 0 or evaluating:
-          readout = [(s, float(loss), bool(finite))
-                     for s, loss, finite in jax.device_get(pending)]
+          readout = jax.device_get(pending)
           pending = []
-          for bad_step, loss, _ in (r for r in readout if not r[2]):
-            if nonfinite != "skip":
-              raise FloatingPointError(_nonfinite_message(stage, bad_step, loss, ckpt,
-                                                          section or stage))
-            skipped += 1
-            bar.write(f"{stage}: step {bad_step} skipped: loss {loss} or its gradients "
-                      f"not finite ({skipped} skipped so far)")
-          loss = readout[-1][1]
-          bar.set_postfix(step=step, loss=f"{loss:.4f}")
-          writer.write_scalars(step, {"loss": loss, "skipped_steps": skipped})
+          for bad_step, losses_, finite in readout:
+            for i in np.flatnonzero(~np.asarray(finite)):
+              loss = float(losses_[i])
+              if nonfinite != "skip":
+                raise FloatingPointError(_nonfinite_message(
+                    names[i], bad_step, loss, active[i][1], section or names[0]))
+              skipped[i] += 1
+              bar.write(f"{names[i]}: step {bad_step} skipped: loss {loss} or its gradients "
+                        f"not finite ({skipped[i]} skipped so far)")
+          last = np.asarray(readout[-1][1], np.float64)
+          bar.set_postfix(step=step, loss="/".join(f"{v:.4f}" for v in last))
+          for writer, loss, count in zip(writers, last, skipped):
+            writer.write_scalars(step, {"loss": float(loss), "skipped_steps": count})
         if evaluating:
-          _set_mode(model, False)
-          val_miou = validate(model)
-          _set_mode(model, train_mode)
-          writer.write_scalars(step, {"val_miou": val_miou})
-          bar.write(f"{stage}: step {step}/{total_steps}  val mIoU {_percent(val_miou)}")
-          ckpt.save(step, _train_state(model, optimizer), val_miou=val_miou,
-                    finished=step == total_steps, force=True)
-    writer.close()
-    best = ckpt.read_meta(ckpt.best_step())
-    note = f"; {skipped} non-finite step(s) skipped" if skipped else ""
-    print(f"{stage}: done in {time.perf_counter() - began:.0f} s; best val mIoU "
-          f"{_percent(best['val_miou'])} at step {best['step']}{note}")
-    return best
+          for model in models:
+            _set_mode(model, False)
+          scores = validate(models)
+          for model in models:
+            _set_mode(model, train_mode)
+          for (trainee, ckpt), writer, val_miou in zip(active, writers, scores):
+            writer.write_scalars(step, {"val_miou": val_miou})
+            bar.write(f"{trainee.name}: step {step}/{total_steps}  val mIoU "
+                      f"{_percent(val_miou)}")
+            ckpt.save(step, _train_state(trainee.model, trainee.optimizer),
+                      val_miou=val_miou, finished=step == total_steps, force=True)
+    for writer in writers:
+      writer.close()
+    seconds = time.perf_counter() - began
+    for (trainee, ckpt), count in zip(active, skipped):
+      best[trainee.name] = ckpt.read_meta(ckpt.best_step())
+      note = f"; {count} non-finite step(s) skipped" if count else ""
+      together = f" (with {len(active) - 1} more)" if len(active) > 1 else ""
+      print(f"{trainee.name}: done in {seconds:.0f} s{together}; best val mIoU "
+            f"{_percent(best[trainee.name]['val_miou'])} at step "
+            f"{best[trainee.name]['step']}{note}")
+    return {t.name: best[t.name] for t in everyone}
 
 
 def _nonfinite_message(stage: str, step: int, loss: float,
@@ -236,9 +312,12 @@ def _schedule(section: ml_collections.ConfigDict, name: str, split_sizes: Sequen
   return total, min(eval_every, total)
 
 
-def stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Module], float]:
-  """Mean over members of member k's mIoU on val_splits[k] (one pass per distinct split)."""
-  def validate(members: nnx.Module) -> float:
+def stacked_validation(config, val_splits: Sequence[str]
+                       ) -> Callable[[tuple[nnx.Module, ...]], list[float]]:
+  """(stacked model,) -> [mean over members of member k's mIoU on val_splits[k]] (one pass
+  per distinct split)."""
+  def validate(models: tuple[nnx.Module, ...]) -> list[float]:
+    (members,) = models
     scores = [math.nan] * len(val_splits)
     for split in dict.fromkeys(val_splits):
       cms = evaluate.confusions(methods.stacked, members,
@@ -248,18 +327,20 @@ def stacked_validation(config, val_splits: Sequence[str]) -> Callable[[nnx.Modul
       for k, own in enumerate(val_splits):
         if own == split:
           scores[k] = metrics.mean_iou(cms[str(k)])
-    return float(np.mean(scores))
+    return [float(np.mean(scores))]
   return validate
 
 
-def validation(config, outputs: Callable, method: str) -> Callable[[nnx.Module], float]:
-  """mIoU of `method` (a key of the output function's result) on the config's val split."""
-  def validate(model: nnx.Module) -> float:
-    cms = evaluate.confusions(outputs, model,
+def validation(config, outputs: Callable, keys: Sequence[str]
+               ) -> Callable[[tuple[nnx.Module, ...]], list[float]]:
+  """The models -> the mIoU of each of `keys` (of the output function's result, which
+  takes the tuple of models) on the config's val split, all in one pass."""
+  def validate(models: tuple[nnx.Module, ...]) -> list[float]:
+    cms = evaluate.confusions(outputs, models,
                               input_pipeline.eval_batches(config.data, config.data.val_split,
                                                           batch_size=config.eval.batch_size),
                               config.data.num_classes)
-    return metrics.mean_iou(cms[method])
+    return [metrics.mean_iou(cms[key]) for key in keys]
   return validate
 
 
@@ -275,35 +356,57 @@ def finished(workdir: str | Path, stage: str) -> dict | None:
     return ckpt.read_meta(ckpt.best_step()) if ckpt.is_finished() else None
 
 
+def _latest_step(workdir: str | Path, name: str) -> int:
+  """The step of the latest checkpoint of `name` (0: none yet)."""
+  if not checkpoint.stage_dir(workdir, name).is_dir():
+    return 0
+  with checkpoint.StageCheckpoints(workdir, name, save_every=1) as ckpt:
+    return ckpt.latest_step() or 0
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, name: str) -> dict[str, dict]:
-  """Trains stage `name` of `stages.STAGES`: each of its checkpoints in turn, from its
-  config section `train.<name>` (the gate stage: one MoE per router in model.gates, each
-  around the same frozen experts).
+  """Trains stage `name` of `stages.STAGES` from its config section `train.<name>`: all
+  its checkpoints together, in one loop over one batch stream with one compiled step (the
+  gate stage: one MoE per gate type, router and objective, around the same frozen
+  experts, whose forward runs once per step for all of them).
+
+  Finished checkpoints are reported and skipped before anything is built or read; the
+  others resume together from their latest checkpoint (those a crash left at different
+  steps, in one loop per step).
 
   Returns:
-    {checkpoint name: best checkpoint meta}; {} when the config turns the stage off.
+    {checkpoint name: best checkpoint meta}, in the stage's order; {} when the config
+    turns the stage off.
   """
   stage = stages.STAGES[name]
   names = stage.checkpoints(config)
   if not names:
     print(f"{name}: skipped ({stage.off_reason})")
-  return {checkpoint_name: _train(config, workdir, name, checkpoint_name, stage)
-          for checkpoint_name in names}
+  best = {}
+  for checkpoint_name in names:
+    done = finished(workdir, checkpoint_name)
+    if done is not None:
+      best[checkpoint_name] = _skipped(checkpoint_name, done,
+                                       checkpoint.stage_dir(workdir, checkpoint_name))
+  starts = {}
+  for checkpoint_name in names:
+    if checkpoint_name not in best:
+      starts.setdefault(_latest_step(workdir, checkpoint_name), []).append(checkpoint_name)
+  for group in starts.values():
+    best.update(_train(config, workdir, name, tuple(group), stage))
+  return {checkpoint_name: best[checkpoint_name] for checkpoint_name in names}
 
 
-def _train(config, workdir, name: str, checkpoint_name: str, stage: stages.Stage) -> dict:
-  """Runs `fit` for one checkpoint of a stage from its config section `train.<name>`.
+def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Stage
+           ) -> dict[str, dict]:
+  """Runs `fit` for checkpoints `names` of a stage from its config section `train.<name>`.
 
-  A finished one is reported and skipped before anything is built or read. A stacked
-  model's member k takes batches of its own train split, all stacked to [K, B, ...];
-  otherwise the model takes plain batches [B, ...] of the one split. With
-  model.backbone_weights and a stage that takes them, the fresh model's backbone (every
+  A stacked model's member k takes batches of its own train split, all stacked to
+  [K, B, ...]; otherwise the models take plain batches [B, ...] of the one split. With
+  model.backbone_weights and a stage that takes them, each fresh model's backbone (every
   member's) starts from that torchvision ResNet checkpoint (a resumed run then restores
   its own checkpoint over it).
   """
-  done = finished(workdir, checkpoint_name)
-  if done is not None:
-    return _skipped(checkpoint_name, done, checkpoint.stage_dir(workdir, checkpoint_name))
   section, data = config.train[name], config.data
   train_splits = stage.train_splits(config)
   sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
@@ -315,24 +418,25 @@ def _train(config, workdir, name: str, checkpoint_name: str, stage: stages.Stage
                                           seeds=seeds, start_step=first)
     return stream if stage.stacked else _first_member(stream)
 
-  if stage.training_model is not None:
-    model = stage.training_model(config, Path(workdir), checkpoint_name)
-  else:
-    model = stage.model(config, checkpoint_name)
+  models = (stage.training_models(config, Path(workdir), names)
+            if stage.training_models is not None
+            else tuple(stage.model(config, checkpoint_name) for checkpoint_name in names))
   weights = config.model.backbone_weights if stage.pretrained_backbone else ""
-  if weights:
-    pretrained.load_backbone((model.members if stage.stacked else model).backbone, weights)
-    print(f"{checkpoint_name}: backbone from {weights}")
-  optimizer = nnx.Optimizer(
-      model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer",
-                            hold_from=stage.hold_learning_rate(config, checkpoint_name)
-                            if stage.hold_learning_rate else None),
-      wrt=stage.trains)
-  return fit(checkpoint_name, model=model, optimizer=optimizer,
-             loss_fn=stage.loss(config, checkpoint_name),
-             batches=batches, total_steps=total, eval_every=eval_every,
-             validate=stage.validation(config, checkpoint_name), workdir=workdir,
+  trainees = []
+  for checkpoint_name, model in zip(names, models):
+    if weights:
+      pretrained.load_backbone((model.members if stage.stacked else model).backbone, weights)
+      print(f"{checkpoint_name}: backbone from {weights}")
+    hold = (stage.hold_learning_rate(config, checkpoint_name)
+            if stage.hold_learning_rate else None)
+    optimizer = nnx.Optimizer(
+        model, make_optimizer(section.optimizer, total, key=f"train.{name}.optimizer",
+                              hold_from=hold), wrt=stage.trains)
+    trainees.append(Trainee(checkpoint_name, model, optimizer,
+                            stage.loss(config, checkpoint_name)))
+  return fit(trainees, batches=batches, total_steps=total, eval_every=eval_every,
+             validate=stage.validation(config, names), workdir=workdir,
              keep=config.train.keep_checkpoints, log_every=config.train.log_every,
              images_per_step=section.batch_size * len(train_splits),
              train_mode=stage.train_mode, section=name, nonfinite=config.train.nonfinite,
-             after_step=stage.after_step)
+             after_step=stage.after_step, shared=stage.shared)

@@ -33,20 +33,22 @@ def batch(*lead):
           "label": jnp.asarray(rng.integers(0, 38, (*lead, h, w)), jnp.uint8)}
 
 
-def steps(model, loss, data, wrt=nnx.Param):
-  optimizer = nnx.Optimizer(model, train.make_optimizer(config.train.experts.optimizer, 2),
-                            wrt=wrt)
+def steps(models, loss, data, wrt=nnx.Param, shared=None):
+  tx = train.make_optimizer(config.train.experts.optimizer, 2)
+  optimizers = tuple(nnx.Optimizer(model, tx, wrt=wrt) for model in models)
   for _ in range(2):
-    loss_value, finite = train.train_step(loss, model, optimizer, data)
-    assert np.isfinite(float(loss_value)) and bool(finite)
+    each, finite = train.train_step((loss,) * len(models), models, optimizers, data, False,
+                                    shared)
+    assert np.all(np.isfinite(np.asarray(each))) and bool(np.all(finite))
 
 
 experts = build.experts(config, 2)
-steps(experts, losses.expert_loss, batch(2, 2))  # stacked members, one batch each
+steps((experts,), losses.expert_loss, batch(2, 2))  # stacked members, one batch each
 moes = tuple(build.mixture(config, experts, gate) for gate in config.model.gates)
-steps(moes[-1], losses.mixture_loss, batch(2), stages.GATE_PARAMS)  # the frozen experts
 for moe in moes:
   moe.eval()
+# Every gate in one step around the frozen experts, run once (the gate stage's step).
+steps(moes, losses.mixture_loss, batch(2), stages.GATE_PARAMS, losses.with_expert_outputs)
 # Every MoE with the experts and their ensemble, and MC dropout (scanned passes).
 totals = evaluate.accumulate(methods.mixtures_with("weighted"), moes,
                              [jax.device_get(batch(4))] * 2, 38, uncertainty=True,

@@ -644,3 +644,18 @@ def test_new_accumulators_merge_by_addition(seed, decimals, split, patch):
     whole, halves = both(fn)
     np.testing.assert_array_equal(whole[counts], halves[counts])
     np.testing.assert_allclose(whole, halves, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_bins", [7, 15, 1000, 1500])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_edge_bins_equal_a_search_of_the_float32_edges(num_bins, side):
+  edges = metrics.bin_edges(num_bins)
+  values = np.concatenate([np.random.default_rng(num_bins).random(20000, np.float32), edges,
+                           np.nextafter(edges, np.float32(2)),
+                           np.nextafter(edges, np.float32(-1))])
+  values = np.clip(values, 0, 1).astype(np.float32)  # the edges and their float neighbours
+  # XLA on CPU flushes subnormals to zero: the smallest normal float stands for them.
+  tiny = np.finfo(np.float32).tiny
+  values = np.where((values > 0) & (values < tiny), tiny, values)
+  np.testing.assert_array_equal(metrics.edge_bins(jnp.asarray(values), num_bins, side),
+                                np.searchsorted(edges, values, side=side))

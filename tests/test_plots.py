@@ -214,3 +214,13 @@ def test_a_pickled_object_in_an_npz_is_refused_and_never_run(tmp_path):
   with pytest.raises(ValueError, match="allow_pickle"):
     plots.write_all(workdir)
   assert not marker.exists()
+
+
+def test_mosaic_places_each_cell_with_white_gaps_between():
+  a, b = np.zeros((2, 3, 3)), np.full((2, 3, 3), 0.5)
+  out = plots.mosaic([[a, b], [b, a]], gap=1)
+  assert out.shape == (5, 7, 3)
+  for (top, left), cell in {(0, 0): a, (0, 4): b, (3, 0): b, (3, 4): a}.items():
+    np.testing.assert_array_equal(out[top:top + 2, left:left + 3], cell)
+  np.testing.assert_array_equal(out[2], 1.0)  # the gap row
+  np.testing.assert_array_equal(out[:, 3], 1.0)  # the gap column

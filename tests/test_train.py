@@ -1,5 +1,7 @@
 """Loss, optimiser and the compiled train step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -57,7 +59,7 @@ def run_expert_steps(seed, steps=4):
   images = np.zeros((2, 2, 16, 16, 3), np.uint8)
   images[..., 0] = labels * 100
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
-  return [float(train.train_step(losses.expert_loss, experts, optimizer, batch)[0])
+  return [float(train.train_step((losses.expert_loss,), (experts,), (optimizer,), batch)[0][0])
           for _ in range(steps)]
 
 
@@ -93,7 +95,7 @@ def test_gate_stage_leaves_the_frozen_experts_untouched():
   batch = {"image": jnp.asarray(rng.integers(0, 255, (2, 32, 32, 3)), jnp.uint8),
            "label": jnp.asarray(rng.integers(0, 3, (2, 32, 32)), jnp.uint8)}
   for _ in range(3):
-    train.train_step(losses.mixture_loss, model, optimizer, batch)
+    train.train_step((losses.mixture_loss,), (model,), (optimizer,), batch)
   experts_after = as_numpy(nnx.state(model.experts))
   jax.tree.map(np.testing.assert_array_equal, experts_before, experts_after)
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), gate_before,
@@ -102,6 +104,68 @@ def test_gate_stage_leaves_the_frozen_experts_untouched():
   trained = {path[0] for path, _ in nnx.to_flat_state(
       nnx.state(model, stages.GATE_PARAMS))}
   assert trained == {"gate", "fusion_conv"}
+
+
+def _gate_batch():
+  rng = np.random.default_rng(0)
+  return {"image": jnp.asarray(rng.integers(0, 255, (2, 32, 32, 3)), jnp.uint8),
+          "label": jnp.asarray(rng.integers(0, 3, (2, 32, 32)), jnp.uint8)}
+
+
+def _moes(gates):
+  """One MoE per gate type around one shared experts module, in eval mode."""
+  experts = moe.StackedExperts(moe.make_expert(SMALL, 3), 2, execution="unroll",
+                               rngs=nnx.Rngs(0))
+  moes = tuple(moe.MixtureOfExperts(experts, num_classes=3, image_size=(32, 32), gate=gate,
+                                    fusion_conv=True, gate_hidden=8, rngs=nnx.Rngs(1))
+               for gate in gates)
+  for model in moes:
+    model.eval()
+  return moes
+
+
+_GATE_TX = train.make_optimizer(OPT, 3)
+
+
+def test_gates_stepped_together_around_shared_experts_equal_each_gate_stepped_alone():
+  gates, batch = ("simple", "classwise"), _gate_batch()
+  alone = []
+  for gate in gates:
+    (model,) = _moes((gate,))
+    optimizer = nnx.Optimizer(model, _GATE_TX, wrt=stages.GATE_PARAMS)
+    for _ in range(3):
+      train.train_step((losses.mixture_loss,), (model,), (optimizer,), batch)
+    alone.append(as_numpy(nnx.state(model, stages.GATE_PARAMS)))
+  models = _moes(gates)
+  experts_before = as_numpy(nnx.state(models[0].experts))
+  optimizers = tuple(nnx.Optimizer(m, _GATE_TX, wrt=stages.GATE_PARAMS) for m in models)
+  for _ in range(3):
+    each, finite = train.train_step((losses.mixture_loss,) * 2, models, optimizers, batch,
+                                    False, losses.with_expert_outputs)
+  assert each.shape == (2,) and bool(np.all(finite))
+  assert models[0].experts is models[1].experts
+  for model, expected in zip(models, alone):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 as_numpy(nnx.state(model, stages.GATE_PARAMS)), expected)
+  jax.tree.map(np.testing.assert_array_equal, experts_before,
+               as_numpy(nnx.state(models[0].experts)))
+
+
+def test_a_joint_gate_step_runs_the_shared_experts_once(monkeypatch):
+  calls = []
+  call = moe.StackedExperts.__call__
+  monkeypatch.setattr(moe.StackedExperts, "__call__",
+                      lambda self, *a, **k: calls.append(1) or call(self, *a, **k))
+  models = _moes(("simple", "classwise", "simple"))
+  optimizers = tuple(nnx.Optimizer(m, _GATE_TX, wrt=stages.GATE_PARAMS) for m in models)
+  # Fresh loss objects: this step is traced here, whatever compiled before.
+  fresh = tuple(functools.partial(losses.mixture_loss) for _ in models)
+  train.train_step(fresh, models, optimizers, _gate_batch(), False, losses.with_expert_outputs)
+  assert len(calls) == 1
+  calls.clear()
+  fresh = tuple(functools.partial(losses.mixture_loss) for _ in models)
+  train.train_step(fresh, models, optimizers, _gate_batch())  # nothing shared: once per MoE
+  assert len(calls) == 3
 
 
 class _Net(nnx.Module):
@@ -114,6 +178,9 @@ class _Net(nnx.Module):
     return self.drop(self.norm(self.linear(x)))
 
 
+_NET_TX = train.make_optimizer(OPT, 6)
+
+
 def _net_loss(model, batch):
   return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
 
@@ -122,9 +189,13 @@ class _Interrupted(Exception):
   pass
 
 
-def _fit_net(workdir, total_steps=6, interrupt_at=None, loss_fn=_net_loss):
-  """fit() on a tiny net; batch t is a function of t only, like the resumable streams."""
+def _fit_net(workdir, total_steps=6, interrupt_at=None, loss_fn=_net_loss, committed=False):
+  """fit() on a tiny net; batch t is a function of t only, like the resumable streams.
+  committed: its linear layer's arrays committed to the device (as restored arrays are),
+  the rest not (as fresh ones)."""
   model = _Net(nnx.Rngs(0))
+  if committed:
+    nnx.update(model.linear, jax.device_put(nnx.state(model.linear), jax.devices()[0]))
   optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, total_steps), wrt=nnx.Param)
 
   def batches(first):
@@ -141,10 +212,11 @@ def _fit_net(workdir, total_steps=6, interrupt_at=None, loss_fn=_net_loss):
     validations.append(m.norm.use_running_average)
     return float(jnp.tanh(jnp.abs(m.linear.kernel.value).sum()) / 2)
 
-  best = train.fit("net", model=model, optimizer=optimizer, loss_fn=loss_fn,
-                   batches=batches, total_steps=total_steps, eval_every=2, validate=validate,
-                   workdir=workdir, keep=2, log_every=1, images_per_step=8)
-  return model, best, validations
+  best = train.fit([train.Trainee("net", model, optimizer, loss_fn)], batches=batches,
+                   total_steps=total_steps, eval_every=2,
+                   validate=lambda models: [validate(m) for m in models], workdir=workdir,
+                   keep=2, log_every=1, images_per_step=8)
+  return model, best["net"], validations
 
 
 def test_fit_resumes_an_interrupted_stage_from_its_saved_step(tmp_path, capsys):
@@ -172,8 +244,10 @@ def _counted_loss(model, batch):
 def test_a_stage_compiles_its_train_step_once_never_per_batch(tmp_path):
   compiled = train.train_step.jitted_fn._cache_size
   before = compiled()
-  # 6 steps with a loss readout after each, 3 validations and 3 checkpoints between them.
-  _fit_net(tmp_path / "run", loss_fn=_counted_loss)
+  # 6 steps with a loss readout after each, 3 validations and 3 checkpoints between them,
+  # on a model partly committed to the device (the gate stage's restored experts around a
+  # fresh router).
+  _fit_net(tmp_path / "run", loss_fn=_counted_loss, committed=True)
   assert compiled() - before == 1
   # (A resumed stage is a new process: it compiles once there. In one process, each fresh
   # optax transformation is a new static argument and compiles again.)
@@ -196,9 +270,9 @@ def _batch(step, s=1.0, x_scale=1.0):
 def _fit_batches(workdir, stream, *, nonfinite="stop", log_every=1):
   model = _Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, train.make_optimizer(OPT, len(stream)), wrt=nnx.Param)
-  train.fit("net", model=model, optimizer=optimizer, loss_fn=_guarded_loss,
+  train.fit([train.Trainee("net", model, optimizer, _guarded_loss)],
             batches=lambda first: iter(stream[first:]), total_steps=len(stream),
-            eval_every=2, validate=lambda m: 0.1, workdir=workdir, keep=5,
+            eval_every=2, validate=lambda models: [0.1], workdir=workdir, keep=5,
             log_every=log_every, images_per_step=8, nonfinite=nonfinite)
   return model
 
@@ -233,6 +307,32 @@ def test_fit_skips_non_finite_steps_as_if_those_batches_were_not_there(tmp_path,
   # Parameters, BatchNorm statistics, the dropout RNG and the optimiser all ignored them.
   jax.tree.map(np.testing.assert_array_equal, as_numpy(nnx.state(expected)),
                as_numpy(nnx.state(skipped)))
+
+
+def test_a_non_finite_step_of_one_trainee_leaves_it_alone_and_steps_the_others():
+  nets = tuple(_Net(nnx.Rngs(0)) for _ in range(2))
+  optimizers = tuple(nnx.Optimizer(n, _NET_TX, wrt=nnx.Param) for n in nets)
+  reference = _Net(nnx.Rngs(0))
+  reference_optimizer = nnx.Optimizer(reference, _NET_TX, wrt=nnx.Param)
+  untouched = as_numpy(nnx.state(nets[1]))
+  bad = _batch(1, s=0.0)  # _guarded_loss's gradients are nan on it, _net_loss's are not
+  each, finite = train.train_step((_net_loss, _guarded_loss), nets, optimizers, bad, True)
+  train.train_step((_net_loss,), (reference,), (reference_optimizer,), bad, True)
+  assert finite.tolist() == [True, False] and np.isfinite(each).all()
+  jax.tree.map(np.testing.assert_array_equal, as_numpy(nnx.state(nets[0])),
+               as_numpy(nnx.state(reference)))
+  jax.tree.map(np.testing.assert_array_equal, as_numpy(nnx.state(nets[1])), untouched)
+
+
+def test_fit_refuses_trainees_that_resume_from_different_steps(tmp_path):
+  with pytest.raises(_Interrupted):
+    _fit_net(tmp_path, interrupt_at=3)  # "net" has its checkpoint at step 2
+  trainees = [train.Trainee(name, net, nnx.Optimizer(net, _NET_TX, wrt=nnx.Param), _net_loss)
+              for name, net in (("net", _Net(nnx.Rngs(0))), ("other", _Net(nnx.Rngs(1))))]
+  with pytest.raises(ValueError, match=r"net, other resume from different steps \[0, 2\]"):
+    train.fit(trainees, batches=lambda first: iter([]), total_steps=6, eval_every=2,
+              validate=lambda models: [0.1] * len(models), workdir=tmp_path, keep=2,
+              log_every=1, images_per_step=8)
 
 
 def test_deep_ensemble_stage_is_skipped_when_no_members_are_asked_for(capsys):
