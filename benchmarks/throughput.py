@@ -34,7 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import input_pipeline as pipeline_benchmark
-from moe_jax import losses, measures, methods, train, uncertainty
+from moe_jax import input_pipeline, losses, measures, methods, train, uncertainty
 from moe_jax.models import bayesian_routers, build
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -251,7 +251,7 @@ def training_rate(config, *, repetitions: int) -> dict:
   """Images/s one expert-stage training step consumes (K experts, each its own batch), in
   float32 as the training stages run."""
   section = config.train.experts
-  num = len(config.data.experts) if config.data.name == "a2d2" else 2
+  num = len(input_pipeline.expert_names(config.data))  # the dataset registry's, any dataset
   members = build.experts(config, num)
   optimizer = nnx.Optimizer(members, train.make_optimizer(section.optimizer, 1000,
                                                           key="train.experts.optimizer"),

@@ -4,7 +4,7 @@
       --config.data.data_dir=/data/cityscapes_zips --workdir runs/cityscapes4
 
 The argument is the number of experts (default 2); the 18 training cities are cut into
-that many alphabetical groups (see data_pipelines.cityscapes.expert_groups), or give
+that many alphabetical groups (see data_pipelines.cityscapes_meta.expert_groups), or give
 explicit groups with --config.data.groups. data_dir holds leftImg8bit_trainvaltest.zip
 and gtFine_trainvaltest.zip. The model, training and evaluation sections are the A2D2
 paper preset's (configs/a2d2.py); the paper gives no Cityscapes recipe.
