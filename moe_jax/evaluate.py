@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -361,9 +362,19 @@ def _json(value):
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-  """Named arrays in one .npz, atomically (plain arrays: read with allow_pickle=False)."""
+  """Named arrays in one .npz (np.load reads it), atomically (plain arrays: read with
+  allow_pickle=False).
+
+  Deflated as np.savez_compressed does, at zlib level 1 instead of its default: the
+  detection histograms are mostly zeros, and the demo's 1.4 GB of arrays took 6.4 s
+  (65 MB) where the default level took 20.4 s (54 MB).
+  """
   buffer = io.BytesIO()
-  np.savez_compressed(buffer, **arrays)  # the detection histograms are mostly zeros
+  with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED,
+                       compresslevel=1) as archive:
+    for name, value in arrays.items():
+      with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+        np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
   checkpoint.write_atomic(path, buffer.getvalue())
 
 
