@@ -192,11 +192,10 @@ def fit(trainees: Sequence[Trainee], *, batches: Callable[[int], Iterator[dict]]
         nnx.update(trainee.model, restored["model"])
         nnx.update(trainee.optimizer, restored["optimizer"])
         print(f"{trainee.name}: resuming from the checkpoint at step {start} of {total_steps}")
-    everyone, trainees = trainees, [t for t, _ in active]
-    names = [t.name for t in trainees]
-    models = tuple(t.model for t in trainees)
-    optimizers = tuple(t.optimizer for t in trainees)
-    loss_fns = tuple(t.loss_fn for t in trainees)
+    names = [t.name for t, _ in active]
+    models = tuple(t.model for t, _ in active)
+    optimizers = tuple(t.optimizer for t, _ in active)
+    loss_fns = tuple(t.loss_fn for t, _ in active)
     writers = [metric_writers.create_default_writer(
         str(Path(workdir) / "tensorboard" / name), just_logging=jax.process_index() > 0)
         for name in names]
@@ -265,7 +264,7 @@ def fit(trainees: Sequence[Trainee], *, batches: Callable[[int], Iterator[dict]]
       print(f"{trainee.name}: done in {seconds:.0f} s{together}; best val mIoU "
             f"{_percent(best[trainee.name]['val_miou'])} at step "
             f"{best[trainee.name]['step']}{note}")
-    return {t.name: best[t.name] for t in everyone}
+    return {t.name: best[t.name] for t in trainees}
 
 
 def _nonfinite_message(stage: str, step: int, loss: float,
