@@ -446,8 +446,8 @@ def panel(results: dict, panels: Arrays, method: str, split: str, path: Path) ->
   legend_columns = min(len(present), 6) or 1
   columns = 3 + len(maps)
   height, width = images.shape[1:3]
-  # One image of all cells in one axes: a grid of axes per cell took ~5 s a figure to lay
-  # out and draw (18 figures in the demo), this ~0.3 s.
+  # One image of all cells in one axes: a grid of axes per cell took ~5.6 s a figure to
+  # lay out and draw (18 figures in the demo, profiled), this ~1 s.
   magma = colormaps["magma"]
   gap = max(2, width // 40)
   grid = mosaic([[images[row] / 255.0, _colorize(labels[row], palette),
