@@ -17,14 +17,14 @@ from __future__ import annotations
 import collections
 import functools
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_pipelines import IGNORE_LABEL, DataError, transforms
-from data_pipelines.cityscapes_meta import NUM_CLASSES, expert_groups
+from data_pipelines.cityscapes_meta import NUM_CLASSES, city_splits, expert_groups
 
 # labelIds of the 19 evaluated classes in trainId order (cityscapesScripts labels.py). Every
 # other labelId, including license plate (-1, which a uint8 PNG cannot hold), is ignored.
@@ -86,29 +86,35 @@ def prepare(data_dir: str | os.PathLike, *, tfds_dir: str | os.PathLike | None =
 
 def num_examples(data_dir: str | os.PathLike, split: str, *,
                  groups: int | Sequence[Sequence[str]] = 2,
+                 named: Mapping[str, Sequence[str]] | None = None,
                  tfds_dir: str | os.PathLike | None = None) -> int:
-  """Number of frames in a split of `dataset` ("train", "group1_train", ...).
+  """Number of frames in a split (see `dataset` for the splits).
 
-  A city group's count reads the train split's image ids once per process (no image is
+  A split of some cities reads its TFDS split's image ids once per process (no image is
   decoded) and is then remembered.
   """
-  groups = expert_groups(groups)
+  tfds_split, members = _split(split, groups, named)
   builder = prepare(data_dir, tfds_dir=tfds_dir)
-  if split in builder.info.splits:
-    return builder.info.splits[split].num_examples
-  names = [f"group{k}_train" for k in range(len(groups))]
-  if split not in names:
-    raise DataError(f"split {split!r} is unknown; use one of: train, validation, test, "
-                    f"{', '.join(names)}")
-  counts = _frames_per_city(os.fspath(builder.data_dir))
-  return sum(counts.get(city, 0) for city in groups[names.index(split)])
+  if members is None:
+    return builder.info.splits[tfds_split].num_examples
+  counts = _frames_per_city(os.fspath(builder.data_dir), tfds_split)
+  return sum(counts.get(city, 0) for city in members)
+
+
+def _split(split: str, groups, named) -> tuple[str, tuple[str, ...] | None]:
+  """(TFDS split, cities or None) of `split`; DataError naming the known splits."""
+  splits = city_splits(groups, named)
+  if split not in splits:
+    raise DataError(f"split {split!r} is unknown; use one of: {', '.join(splits)}; a split "
+                    "of other cities goes in data.city_splits")
+  return splits[split]
 
 
 @functools.cache
-def _frames_per_city(prepared_dir: str) -> dict[str, int]:
-  """{city: training frames} of the prepared shards in `prepared_dir` (read once)."""
+def _frames_per_city(prepared_dir: str, tfds_split: str) -> dict[str, int]:
+  """{city: frames} of one split of the prepared shards in `prepared_dir` (read once)."""
   builder = tfds.builder_from_directory(prepared_dir)
-  ids = builder.as_dataset(split="train", decoders={
+  ids = builder.as_dataset(split=tfds_split, decoders={
       "image_left": tfds.decode.SkipDecoding(), "segmentation_label": tfds.decode.SkipDecoding()})
   return dict(collections.Counter(
       city.decode() for city in ids.map(lambda r: cities(r["image_id"])).as_numpy_iterator()))
@@ -116,17 +122,18 @@ def _frames_per_city(prepared_dir: str) -> dict[str, int]:
 
 def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int] = (512, 1024),
             batch_size: int, train: bool, seed: int = 0,
-            groups: int | Sequence[Sequence[str]] = 2, tfds_dir: str | os.PathLike | None = None,
-            shuffle_buffer: int = 256, start: int = 0,
+            groups: int | Sequence[Sequence[str]] = 2,
+            named: Mapping[str, Sequence[str]] | None = None,
+            tfds_dir: str | os.PathLike | None = None, shuffle_buffer: int = 256, start: int = 0,
             drop_remainder: bool | None = None) -> tf.data.Dataset:
   """Cityscapes batches with trainId labels and the expert group of each city as domain.
 
   The first call for a `tfds_dir` prepares the TFDS shards from the zips in `data_dir`;
   later calls only read the shards, so `data_dir` is checked only while they are missing.
 
-  Splits: "train", "validation", "test", and "group<k>_train" for k in 0..len(groups)-1 (the
-  training frames of expert group k only). No expert group holds a validation or test city,
-  so those splits exist only whole.
+  Splits: "train", "validation", "test"; "group<k>_train" for k in 0..len(groups)-1 (the
+  training frames of expert group k only); and the `named` city subsets
+  (`cityscapes_meta.city_splits`).
 
   Args:
     data_dir: directory holding leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip.
@@ -136,6 +143,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
     train: shuffle, repeat forever and flip (see `transforms.stream`).
     seed: seed for file order, shuffling and flips; the same seed gives the same batches.
     groups: expert groups, see `expert_groups`.
+    named: {split: cities}, more splits of some cities each (`data.city_splits`).
     tfds_dir: where TFDS writes its prepared shards; None is TFDS's default
       (~/tensorflow_datasets or $TFDS_DATA_DIR).
     shuffle_buffer: examples in the shuffle buffer. An example is ~2.2 MB of PNG bytes
@@ -149,15 +157,11 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
     "aachen_000000_000019"}.
 
   Raises:
-    DataError: unknown split, bad groups, or (when preparing) a missing directory or zip.
+    DataError: unknown split, bad groups or named splits, or (when preparing) a missing
+      directory or zip.
   """
   groups = expert_groups(groups)
-  splits = {name: (name, None) for name in ("train", "validation", "test")}
-  splits.update({f"group{k}_train": ("train", k) for k in range(len(groups))})
-  if split not in splits:
-    raise DataError(f"split {split!r} is unknown; use one of: {', '.join(splits)} "
-                    "(validation and test cities belong to no expert group)")
-  tfds_split, group = splits[split]
+  tfds_split, members = _split(split, groups, named)
 
   builder = prepare(data_dir, tfds_dir=tfds_dir)
   # Undecoded PNGs keep the shuffle buffer small; `transforms.stream` decodes in parallel.
@@ -168,15 +172,17 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
 
   city_group = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(
-          [city for members in groups for city in members],
-          [k for k, members in enumerate(groups) for _ in members], tf.string, tf.int32),
+          [city for group in groups for city in group],
+          [k for k, group in enumerate(groups) for _ in group], tf.string, tf.int32),
       default_value=-1)
   examples = records.map(lambda record: {
       "image": record["image_left"], "label": record["segmentation_label"],
       "domain": city_group.lookup(cities(record["image_id"])), "frame": record["image_id"]})
-  if group is not None:
-    size = num_examples(data_dir, split, groups=groups, tfds_dir=tfds_dir)
-    examples = examples.filter(lambda example: example["domain"] == group).apply(
+  if members is not None:
+    size = num_examples(data_dir, split, groups=groups, named=named, tfds_dir=tfds_dir)
+    wanted = tf.constant(members)
+    examples = examples.filter(
+        lambda example: tf.reduce_any(cities(example["frame"]) == wanted)).apply(
         tf.data.experimental.assert_cardinality(size))
   return transforms.stream(examples, image_size=image_size, batch_size=batch_size, train=train,
                            seed=seed, shuffle_buffer=shuffle_buffer, start=start,

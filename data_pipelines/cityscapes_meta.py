@@ -1,4 +1,4 @@
-"""Cityscapes' classes, training cities and expert groups, and its `registry` entry, without
+"""Cityscapes' classes, cities, expert groups and splits, and its `registry` entry, without
 TensorFlow.
 
 Importing this module costs numpy and the standard library only. The entry's functions that
@@ -8,7 +8,7 @@ read data (`prepare`, `num_examples`, `dataset`) import the tf.data pipeline,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +30,10 @@ TRAIN_CITIES = (
     "hanover", "jena", "krefeld", "monchengladbach", "strasbourg", "stuttgart", "tubingen",
     "ulm", "weimar", "zurich",
 )
+VAL_CITIES = ("frankfurt", "lindau", "munster")
+TEST_CITIES = ("berlin", "bielefeld", "bonn", "leverkusen", "mainz", "munich")
+# TFDS's splits and the cities the official download puts in each.
+OFFICIAL_CITIES = {"train": TRAIN_CITIES, "validation": VAL_CITIES, "test": TEST_CITIES}
 
 
 def expert_groups(groups: int | Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
@@ -78,26 +82,72 @@ def expert_groups(groups: int | Sequence[Sequence[str]]) -> tuple[tuple[str, ...
   return tuple(tuple(group) for group in groups)
 
 
+def city_splits(groups: int | Sequence[Sequence[str]],
+                named: Mapping[str, Sequence[str]] | None = None
+                ) -> dict[str, tuple[str, tuple[str, ...] | None]]:
+  """Every split a config can name: {split: (TFDS split it reads, its cities or None = all)}.
+
+  TFDS's "train", "validation" and "test"; "group<k>_train", the training cities of expert
+  group k (`expert_groups`); and the `named` ones (`data.city_splits`), each a subset of the
+  cities of one official split, e.g. {"ood_test": ("leverkusen", "mainz", "munich")}.
+
+  Raises:
+    DataError: bad groups; a named split that reuses a split's name, is empty, or names an
+      unknown city or cities of two official splits.
+  """
+  splits = {name: (name, None) for name in OFFICIAL_CITIES}
+  splits.update({f"group{k}_train": ("train", group)
+                 for k, group in enumerate(expert_groups(groups))})
+  for name, cities in (named or {}).items():
+    key = f"data.city_splits.{name}"
+    if name in splits:
+      raise DataError(f"config key {key}: {name!r} is already a split; choose another name")
+    if isinstance(cities, str) or not cities:
+      raise DataError(f"config key {key}={cities!r}: give a non-empty tuple of city names")
+    official = {split for split, members in OFFICIAL_CITIES.items()
+                for city in cities if city in members}
+    unknown = [city for city in cities
+               if not any(city in members for members in OFFICIAL_CITIES.values())]
+    if unknown or len(official) != 1:
+      raise DataError(f"config key {key}: " + (
+          f"{unknown[0]!r} is not a Cityscapes city" if unknown else
+          f"its cities come from the {' and '.join(sorted(official))} splits") +
+          "; name cities of one split: " + "; ".join(
+              f"{split}: {', '.join(members)}" for split, members in OFFICIAL_CITIES.items()))
+    splits[name] = (official.pop(), tuple(cities))
+  return splits
+
+
 # ----------------------------------------------------------------------------- registry entry
 
 
+def _named_splits(data: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+  """`data.city_splits` as a plain dict ({} when the config has none)."""
+  named = data.get("city_splits")
+  return {} if named is None else {name: tuple(cities) for name, cities in named.items()}
+
+
 def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
-  """Checks `data.groups`, then prepares TFDS's shards from the zips once.
+  """Checks `data.groups` and `data.city_splits`, writes the synthetic cities' zips if
+  `data.synthetic` is set, then prepares TFDS's shards from the zips once.
 
   Returns:
-    {split: frames} of TFDS's train, validation and test splits.
+    {split: frames} of every split the config can name (`city_splits`).
   """
   from data_pipelines import cityscapes
-  expert_groups(data.groups)  # validates before the long preparation
-  builder = cityscapes.prepare(data.data_dir, tfds_dir=data.tfds_dir or None)
-  return {name: split.num_examples for name, split in builder.info.splits.items()}
+  splits = city_splits(data.groups, _named_splits(data))  # before the long preparation
+  if data.get("synthetic") is not None:
+    from data_pipelines import synthetic_cities
+    synthetic_cities.generate(data.data_dir, **data.synthetic.to_dict())
+  cityscapes.prepare(data.data_dir, tfds_dir=data.tfds_dir or None)
+  return {split: num_examples(data, split) for split in splits}
 
 
 def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
-  """Frames in `split` ("train", "validation", "test", "group<k>_train")."""
+  """Frames in `split` (any of `city_splits`)."""
   from data_pipelines import cityscapes
   return cityscapes.num_examples(data.data_dir, split, groups=data.groups,
-                                 tfds_dir=data.tfds_dir or None)
+                                 named=_named_splits(data), tfds_dir=data.tfds_dir or None)
 
 
 def dataset(data: ml_collections.ConfigDict, split: str, *, batch_size: int, train: bool,
@@ -106,7 +156,7 @@ def dataset(data: ml_collections.ConfigDict, split: str, *, batch_size: int, tra
   from data_pipelines import cityscapes
   return cityscapes.dataset(data.data_dir, split, image_size=tuple(data.image_size),
                             batch_size=batch_size, train=train, seed=seed, groups=data.groups,
-                            tfds_dir=data.tfds_dir or None,
+                            named=_named_splits(data), tfds_dir=data.tfds_dir or None,
                             shuffle_buffer=data.shuffle_buffer, start=start)
 
 

@@ -349,25 +349,28 @@ def _gate_unit(results: dict, method: str) -> str:
   return {"image": "images", None: "units"}.get(unit, "pixels")
 
 
-def _gate_panel(ax, histogram: np.ndarray, total: np.ndarray, experts: list[str]) -> None:
-  """Grouped bars: per weight bin, the fraction of units giving each expert that weight."""
+def _gate_panel(ax, histogram: np.ndarray, total: np.ndarray, experts: list[str]):
+  """One column per expert: the fraction of units giving it each weight (shaded, bins
+  bottom to top) and its mean weight (dot); returns the image for the colour bar."""
   histogram = np.asarray(histogram, np.float64)
-  experts_count, bins = histogram.shape
+  experts_count = histogram.shape[0]
   units = histogram[0].sum()
-  width = 1.0 / bins / experts_count
-  for k in range(experts_count):
-    fraction = histogram[k] / units if units else np.zeros(bins)
-    mean = total[k] / units if units else np.nan
-    ax.bar(np.arange(bins) / bins + k * width, fraction, width, align="edge",
-           label=f"{experts[k]} (mean {mean:.2f})")
-  ax.set(xlim=(0, 1), xlabel="gate weight")
-  ax.legend(loc="upper center", fontsize="x-small", ncols=min(experts_count, 2))
+  fraction = histogram / units if units else np.zeros_like(histogram)
+  mean = np.asarray(total, np.float64) / units if units else np.full(experts_count, np.nan)
+  image = ax.imshow(fraction.T, origin="lower", aspect="auto", cmap="Blues", vmin=0, vmax=1,
+                    extent=(-0.5, experts_count - 0.5, 0, 1), interpolation="nearest")
+  ax.plot(np.arange(experts_count), mean, "o", color="tab:orange", label="mean weight")
+  ax.set_xticks(np.arange(experts_count), experts, rotation=45 if experts_count > 3 else 0,
+                fontsize="small")
+  ax.set(ylim=(0, 1), xlabel="expert")
+  return image
 
 
 def gate_weights(results: dict, histograms: Arrays, path: Path) -> Path:
   """The distribution of each MoE's gate weight on each expert, per clean test split.
 
-  Rows are the MoE methods, columns the splits. An "image" router (the simple gate)
+  Rows are the MoE methods, columns the splits; in each panel one column per expert (K
+  columns), shaded by the fraction of units at each weight, with the mean weight. An "image" router (the simple gate)
   weighs images, the others pixels (a classwise gate: the weights of the predicted class).
 
   Args:
@@ -384,8 +387,11 @@ def gate_weights(results: dict, histograms: Arrays, path: Path) -> Path:
   found = {s: _stored_methods(histograms, s, "gate_histogram", results) for s in splits}
   splits = [s for s in splits if found[s]]
   names = sorted({m for s in splits for m in found[s]}, key=method_rank)
-  fig = Figure(figsize=(3.6 * len(splits), 3.3 * len(names) + 0.5), layout="constrained")
+  width = max(3.6, 0.45 * len(results.get("experts") or ()) + 1.5)
+  fig = Figure(figsize=(width * len(splits) + 1, 3.3 * len(names) + 0.5),
+               layout="constrained")
   axes = fig.subplots(len(names), len(splits), sharey="row", squeeze=False)
+  image = None
   for row, method in enumerate(names):
     unit = _gate_unit(results, method)
     for column, split in enumerate(splits):
@@ -395,12 +401,14 @@ def gate_weights(results: dict, histograms: Arrays, path: Path) -> Path:
         continue
       histogram = histograms[f"{split}/{method}/gate_histogram"]
       experts = results.get("experts") or [f"expert {k}" for k in range(len(histogram))]
-      _gate_panel(ax, histogram, histograms[f"{split}/{method}/gate_sum"], experts)
+      image = _gate_panel(ax, histogram, histograms[f"{split}/{method}/gate_sum"], experts)
       ax.set_title(f"{method} on {split}\n({int(histogram[0].sum())} {unit})",
                    fontsize="medium")
-    axes[row, 0].set_ylim(0, 1.3 * axes[row, 0].get_ylim()[1])  # room for the legends
-    axes[row, 0].set_ylabel(f"fraction of {unit}")
-  fig.suptitle("Gate weight on each expert, by test domain")
+    axes[row, 0].set_ylabel("gate weight")
+  if image is not None:
+    fig.colorbar(image, ax=axes, label="fraction of the units (images or pixels) at that weight")
+    axes[0, 0].legend(loc="upper right", fontsize="x-small")
+  fig.suptitle("Gate weight on each expert (one column per expert), by test split")
   return _save(fig, path)
 
 

@@ -215,6 +215,37 @@ def test_frames_per_split_and_an_endless_city_group_stream(prepared):
   assert frames == [b"zurich_000000_000019"] * 3  # repeats its one frame, from any start
 
 
+def test_named_city_splits(prepared):
+  """data.city_splits: some cities of one official split, read from its TFDS split."""
+  manual_dir, tfds_dir = prepared
+  named = {"aachen_only": ("aachen",), "test_cities": ("berlin", "mainz")}
+  assert domains(prepared, "aachen_only", named=named) == {"aachen_000000_000019": 0}
+  assert domains(prepared, "test_cities", named=named) == {"berlin_000000_000019": -1}
+  assert [cityscapes.num_examples(manual_dir, split, named=named, tfds_dir=tfds_dir)
+          for split in named] == [1, 1]
+  assert cityscapes_meta.city_splits(2, named)["test_cities"] == ("test", ("berlin", "mainz"))
+
+
+@pytest.mark.parametrize("named, message", [
+    ({"test": ("berlin",)}, r"city_splits.test: 'test' is already a split"),
+    ({"x": ("berlin", "frankfurt")}, r"city_splits.x: its cities come from the test and "
+                                     r"validation splits; name cities of one split: train: "),
+    ({"x": ("paris",)}, r"city_splits.x: 'paris' is not a Cityscapes city"),
+    ({"x": ()}, r"city_splits.x=\(\): give a non-empty tuple"),
+    ({"x": "berlin"}, r"city_splits.x='berlin': give a non-empty tuple"),
+])
+def test_bad_named_city_splits(named, message):
+  with pytest.raises(DataError, match=message) as error:
+    cityscapes_meta.city_splits(2, named)
+  assert "\n" not in str(error.value)
+
+
+def test_official_city_lists():
+  cities = [c for members in cityscapes_meta.OFFICIAL_CITIES.values() for c in members]
+  assert len(cities) == len(set(cities)) == 18 + 3 + 6
+  assert cityscapes_meta.OFFICIAL_CITIES["train"] == cityscapes_meta.TRAIN_CITIES
+
+
 def test_same_seed_same_batches(prepared):
   manual_dir, tfds_dir = prepared
 
@@ -241,7 +272,8 @@ def test_prepared_shards_need_no_zips(prepared, tmp_path):
 @pytest.mark.parametrize("split", ["val", "group2_train", "group0_validation", "group01_train"])
 def test_unknown_split(prepared, split):
   with pytest.raises(DataError, match=f"split '{split}' is unknown; use one of: train, "
-                                      "validation, test, group0_train, group1_train "):
+                                      "validation, test, group0_train, group1_train; "
+                                      "a split of other cities goes in data.city_splits"):
     read_all(prepared, split)
 
 

@@ -32,10 +32,21 @@ def test_smoke_config_gives_batches_of_each_expert_domain(tmp_path):
     np.testing.assert_array_equal(batch["domain"], [domain, domain])
 
 
-def test_cityscapes_config_takes_the_number_of_experts():
-  assert load_config("cityscapes", "4").data.groups == 4
-  with pytest.raises(ValueError, match="number of experts, got 'four'"):
-    load_config("cityscapes", "four")
+@pytest.mark.parametrize("arg, groups, synthetic", [
+    ("4", 4, False), ("", 2, False), ("experts=3", 3, False), ("synthetic", 2, True),
+    ("synthetic,experts=8", 8, True), ("smoke, experts=6", 6, True)])
+def test_cityscapes_config_takes_a_preset_and_the_number_of_experts(arg, groups, synthetic):
+  config = load_config("cityscapes", arg)
+  assert config.data.groups == groups
+  assert (config.data.synthetic is not None) == synthetic
+  assert config.data.test_splits == (("test_id", "test_ood") if synthetic else ("validation",))
+
+
+@pytest.mark.parametrize("arg", ["four", "synth", "experts=x", "smoke,bayes"])
+def test_cityscapes_config_bad_argument(arg):
+  with pytest.raises(ValueError, match="configs/cityscapes.py: bad argument .* use a preset "
+                                       r"\(paper, synthetic, smoke\) and/or experts=N"):
+    load_config("cityscapes", arg)
 
 
 def test_eval_batches_pad_limit_parts_and_corrupt_deterministically(tmp_path):

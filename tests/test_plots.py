@@ -224,3 +224,18 @@ def test_mosaic_places_each_cell_with_white_gaps_between():
     np.testing.assert_array_equal(out[top:top + 2, left:left + 3], cell)
   np.testing.assert_array_equal(out[2], 1.0)  # the gap row
   np.testing.assert_array_equal(out[:, 3], 1.0)  # the gap column
+
+
+def test_gate_panel_has_one_column_per_expert_and_their_mean_weights():
+  from matplotlib.figure import Figure
+  experts = [f"group{k}" for k in range(8)]
+  histogram = np.zeros((8, 20))
+  histogram[np.arange(8), np.arange(8) * 2] = 10  # 10 units; expert k always gets bin 2k
+  total = (np.arange(8) * 2 + 0.5) / 20 * 10
+  ax = Figure().subplots()
+  image = plots._gate_panel(ax, histogram, total, experts)
+  assert [t.get_text() for t in ax.get_xticklabels()] == experts
+  np.testing.assert_allclose(image.get_array().T, histogram / 10)  # [bins, K] shown
+  (dots,) = ax.get_lines()
+  np.testing.assert_allclose(dots.get_ydata(), total / 10)
+  np.testing.assert_array_equal(dots.get_xdata(), np.arange(8))
