@@ -136,6 +136,29 @@ def train_call(router, x):
   return router(x, output_size=(H, W))
 
 
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_routes_eight_experts(router):
+  """K = 8: the weights of every routing sample are a distribution over the 8 experts, and
+  gate entropy normalised by log 8 stays in [0, 1] (1 for uniform weights)."""
+  from moe_jax import measures
+  args = dataclasses.replace(ARGS, in_ch=8 * 8, num_experts=8)
+  model = br.make(router, "simple", args, settings(), rngs=nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(0), (2, *args.feature_hw, args.in_ch))
+  routing = nnx.jit(lambda r, x, key: r(x, output_size=(H, W), key=key))(
+      model, x, jax.random.key(1))
+  r = {"deterministic": 1, "der": 3}.get(router, 4)  # settings(): M = 3, S = 4
+  assert routing.weights.shape == (r, 2, 8)
+  np.testing.assert_allclose(routing.weights.sum(-1), 1.0, rtol=1e-5)
+  prediction = jnp.zeros((2, 4, 4), jnp.int32)
+  ge = measures.normalise("gate_entropy", routers.gate_entropy_map(routing, prediction),
+                          num_classes=5, num_experts=8)
+  assert ((ge >= 0) & (ge <= 1)).all()
+  uniform = routers.Routing(jnp.full((1, 2, 8), 1 / 8), jnp.zeros((1, 2, 8)), unit="image")
+  np.testing.assert_allclose(measures.normalise(
+      "gate_entropy", routers.gate_entropy_map(uniform, prediction), 5, 8), 1.0, rtol=1e-6)
+
+
 # ------------------------------------------------------------------ 1. closed-form KLs
 
 # The pure functions, compiled once each (eager, every operation compiles on its own).

@@ -76,7 +76,7 @@ def test_decoder_split_into_its_inputs_equals_the_conv_on_their_concatenation():
                              model.decoder(jnp.concatenate([up, low], axis=-1)), atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", [2, 4, 8])
 @pytest.mark.parametrize("gate", ["simple", "classwise", "pixel"])
 def test_moe_shapes_and_gate_weights_sum_to_one(k, gate):
   experts = moe.StackedExperts(moe.make_expert(SMALL, C), k, execution="unroll",
