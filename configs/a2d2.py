@@ -95,6 +95,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.train.baseline = stage(batch_size=1, epochs=50, eval_every_epochs=2, **sgd)
   config.train.deep_ensemble = stage(batch_size=1, epochs=50, eval_every_epochs=2, **sgd)
   config.train.gate = stage(batch_size=8, epochs=50, eval_every_epochs=10, **sgd)
+  # "baseline": every expert starts from the baseline's best checkpoint (trained first) and
+  # fine-tunes on its domain; "" = from scratch (or model.backbone_weights), as the paper.
+  config.train.experts.init_from = ""
   # One MoE per objective around each gate type of train.objective_gates (() = every gate;
   # deterministic router): "erm", "robust", "robust_filtered" (moe_jax/losses.py
   # GATE_OBJECTIVES; methods "moe_<gate>_<objective>"), with the settings of train.robust
@@ -177,6 +180,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     for name in ("experts", "baseline", "deep_ensemble"):
       config.train[name] = stage(batch_size=batch, epochs=1 if small else 5,
                                  eval_every_epochs=1 if small else 3, **adamw)
+    config.train.experts.init_from = ""
     config.train.gate = stage(batch_size=batch, epochs=2, eval_every_epochs=1, **adamw)
     if small:  # two checkpoints per trained stage, so that a test can kill between them
       config.train.experts.epochs = 2

@@ -46,11 +46,13 @@ ADDED_CONFIG_KEYS = {"model.backbone_weights": "", "model.routers": ["determinis
                      "model.bayesian_gates": [],
                      **{f"model.routing.{key}": value for key, value in ROUTING_DEFAULTS.items()},
                      "train.gate_objectives": ["erm"], "train.objective_gates": [],
+                     "train.experts.init_from": "",
                      **{f"train.robust.{key}": value for key, value in ROBUST_DEFAULTS.items()}}
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 NONFINITE = ("stop", "skip")
+EXPERTS_INIT_FROM = ("", "baseline")
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   positive_int(config.model.deep_ensemble_members, "model.deep_ensemble_members",
                allow_zero=True)
   one_of(config.train.nonfinite, NONFINITE, "train.nonfinite")
+  one_of(config.train.experts.get("init_from", ""), EXPERTS_INIT_FROM, "train.experts.init_from")
   positive_int(config.train.keep_checkpoints, "train.keep_checkpoints")
   positive_int(config.train.log_every, "train.log_every")
   for name, stage in stages.STAGES.items():

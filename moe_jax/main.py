@@ -3,8 +3,9 @@
 Runs the pipeline's stages in order (default: all of them):
   data          generate the synthetic scenes if the preset asks, write the TFDS shards once
                 (always runs: every other stage needs it, and it is quick once done)
-  experts       K experts trained at once, expert k on its own domain
   baseline      one model on all data (the MC-dropout baseline)
+  experts       K experts trained at once, expert k on its own domain (from scratch, or
+                fine-tuned from the baseline with train.experts.init_from="baseline")
   deep_ensemble M models on all data (only when model.deep_ensemble_members > 0)
   gate          the gate on all data, experts frozen
   calibrate     temperatures on the val split (per expert, per method) -> calibration.json

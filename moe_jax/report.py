@@ -98,8 +98,10 @@ def claims(results: dict, in_split: str | None, ood_split: str | None) -> list[s
     lines += ["2. **Simple vs classwise gate-entropy calibration**: not measured in this run "
               f"(it trained the {', '.join(results['gates'])} gate only; set "
               "`--config.model.gates='(\"simple\",\"classwise\")'`)."]
-  lines += ["3. **Calibration vs number of experts** (Cityscapes): not measured here; run "
-            "`configs/cityscapes.py:<K>` for several K and compare the MoE's ECE.", ""]
+  lines += ["3. **Calibration vs number of experts** (Cityscapes): one run has one N; the "
+            "sweep `python -m moe_jax.experiments.num_experts --config "
+            "configs/cityscapes.py:synthetic --workdir runs/experts_sweep` measures it "
+            "(its `sweep.md`).", ""]
   return lines
 
 

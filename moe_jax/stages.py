@@ -6,8 +6,8 @@ which parameters train, how it is validated, how `evaluate` runs it and what `pr
 returns for it. The order of `STAGES` is the order the pipeline runs them in.
 
   stage          checkpoints            model                    trains on
-  experts        experts                K stacked experts        expert k: its domain
   baseline       baseline               one DeepLabv3+           data.train_split
+  experts        experts                K stacked experts        expert k: its domain
   deep_ensemble  deep_ensemble          M stacked models         data.train_split, M seeds
   gate           gate_<gate>[_<router>] the MoE, experts frozen  data.train_split
 
@@ -57,6 +57,9 @@ class Stage:
     trains: the nnx filter of the parameters that train.
     train_mode: False keeps the whole model in eval mode while training (frozen experts).
     pretrained_backbone: model.backbone_weights initialises its backbone(s).
+    init_from: config -> the stage (trained before it) whose best checkpoint every member
+      starts from, or "" (experts: train.experts.init_from = "baseline" fine-tunes each
+      expert from the one model trained on all data); None: never.
     evaluation: config -> (output function taking the tuple of the models of all its
       checkpoints, in order, {output key: method name}); None: not evaluated on its own.
     predictor: (config, checkpoint name, MC-dropout passes) -> (method name, Members).
@@ -80,6 +83,7 @@ class Stage:
   trains: object = nnx.Param
   train_mode: bool = True
   pretrained_backbone: bool = False
+  init_from: Callable[[Config], str] | None = None
   evaluation: Callable[[Config], tuple[Callable, dict[str, str]]] | None = None
   predictor: Callable[[Config, str, int], tuple[str, Members]] | None = None
   off_reason: str = ""
@@ -278,15 +282,6 @@ GATE_PARAMS = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("gate"),
 
 
 STAGES: dict[str, Stage] = {
-    "experts": Stage(
-        checkpoints=lambda config: ("experts",),
-        model=_experts_model,
-        loss=lambda config, name: losses.expert_loss,
-        train_splits=lambda config: _expert_splits(config, "train"),
-        stacked=True,
-        validation=_stacked_validation(lambda config: _expert_splits(config, "val")),
-        pretrained_backbone=True,
-        predictor=lambda config, name, passes: ("ensemble", _stacked_members)),
     "baseline": Stage(
         checkpoints=lambda config: ("baseline",),
         model=lambda config, name: build.baseline(config),
@@ -298,6 +293,16 @@ STAGES: dict[str, Stage] = {
         evaluation=_baseline_evaluation,
         predictor=lambda config, name, passes: (f"mc_dropout_{passes}",
                                                 _mc_dropout_members(passes))),
+    "experts": Stage(
+        checkpoints=lambda config: ("experts",),
+        model=_experts_model,
+        loss=lambda config, name: losses.expert_loss,
+        train_splits=lambda config: _expert_splits(config, "train"),
+        stacked=True,
+        validation=_stacked_validation(lambda config: _expert_splits(config, "val")),
+        pretrained_backbone=True,
+        init_from=lambda config: config.train.experts.get("init_from", ""),
+        predictor=lambda config, name, passes: ("ensemble", _stacked_members)),
     "deep_ensemble": Stage(
         checkpoints=lambda config: ("deep_ensemble",) if config.model.deep_ensemble_members
         else (),

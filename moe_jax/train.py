@@ -396,6 +396,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, name: str) -> di
   return {checkpoint_name: best[checkpoint_name] for checkpoint_name in names}
 
 
+def start_from(source: nnx.Module, target: nnx.Module) -> None:
+  """Copies `source`'s parameters and BatchNorm statistics into `target`: the same module,
+  or stacked members of it (every leaf with a leading member axis, each member a copy).
+  Random-number state stays the target's own, so stacked members keep distinct dropout."""
+  weights = nnx.Any(nnx.Param, nnx.BatchStat)
+  state, shapes = nnx.state(source, weights), nnx.state(target, weights)
+  nnx.update(target, jax.tree.map(lambda a, like: jnp.broadcast_to(a, like.shape), state,
+                                  shapes))
+
+
 def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Stage
            ) -> dict[str, dict]:
   """Runs `fit` for checkpoints `names` of a stage from its config section `train.<name>`.
@@ -420,7 +430,15 @@ def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Sta
   models = (stage.training_models(config, Path(workdir), names)
             if stage.training_models is not None
             else tuple(stage.model(config, checkpoint_name) for checkpoint_name in names))
-  weights = config.model.backbone_weights if stage.pretrained_backbone else ""
+  source = stage.init_from(config) if stage.init_from else ""
+  if source:
+    start, meta = checkpoint.restore_model(
+        workdir, source, lambda: stages.STAGES[source].model(config, source))
+    for model in models:
+      start_from(start, model.members if stage.stacked else model)
+    print(f"{name}: every member starts from the {source}'s best checkpoint (step "
+          f"{meta['step']})")
+  weights = config.model.backbone_weights if stage.pretrained_backbone and not source else ""
   trainees = []
   for checkpoint_name, model in zip(names, models):
     if weights:

@@ -71,7 +71,13 @@ def test_smoke_preset_prepares_the_data_and_saves_the_config(run_main, tmp_path)
       "--stages=experts"],
      "error: config key model.backbone_weights='/no/such.pth': no such file"),
     (["--config=configs/a2d2.py:smoke", "--stages=data,dance"],
-     "error: unknown stage(s) dance; the stages: data, experts, baseline"),
+     "error: unknown stage(s) dance; the stages: data, baseline, experts"),
+    (["--config=configs/a2d2.py:smoke", "--config.train.experts.init_from=gate",
+      "--stages=experts"],
+     "error: config key train.experts.init_from='gate'; use '' or 'baseline'"),
+    # Experts fine-tuned from a baseline that was never trained.
+    (["--config=configs/cityscapes.py:smoke", "--stages=experts"],
+     "error: stage 'baseline' has not finished in"),
     (["--config=configs/a2d2.py:smoke", "--config.train.nonfinite=ignore", "--stages=experts"],
      "error: config key train.nonfinite='ignore'; use 'stop' or 'skip'"),
     # Diverges at once: stops at the step, exits non-zero, saves nothing non-finite.

@@ -354,3 +354,32 @@ def test_swag_collection_holds_the_learning_rate_from_its_start():
     np.testing.assert_allclose(held(step), cosine(50), rtol=1e-6)
   constant = ml_collections.ConfigDict({**config.to_dict(), "schedule": "constant"})
   assert train.learning_rate(constant, 100, hold_from=0.5) == 1e-2
+
+
+def test_start_from_copies_weights_into_every_member_and_keeps_their_own_dropout_keys():
+  """train.experts.init_from="baseline": each stacked expert starts as a copy of the single
+  model (parameters and BatchNorm statistics); the members' RNG state stays theirs."""
+  source = moe.make_expert(SMALL, 3)(nnx.Rngs(7))
+  # Statistics unlike a fresh model's, so that copying them is seen.
+  nnx.update(source, jax.tree.map(lambda a: a + 0.25, nnx.state(source, nnx.BatchStat)))
+  experts = moe.StackedExperts(moe.make_expert(SMALL, 3), 3, execution="unroll",
+                               rngs=nnx.Rngs(0))
+  keys_before = jax.tree.map(lambda k: jax.random.key_data(k),
+                             nnx.state(experts, nnx.RngKey))
+  train.start_from(source, experts.members)
+  weights = nnx.Any(nnx.Param, nnx.BatchStat)
+  for ours, theirs in zip(jax.tree.leaves(nnx.state(experts.members, weights)),
+                          jax.tree.leaves(nnx.state(source, weights)), strict=True):
+    assert ours.shape == (3, *theirs.shape)
+    for k in range(3):
+      np.testing.assert_array_equal(ours[k], theirs)
+  keys_after = jax.tree.map(lambda k: jax.random.key_data(k), nnx.state(experts, nnx.RngKey))
+  for before, after in zip(jax.tree.leaves(keys_before), jax.tree.leaves(keys_after)):
+    np.testing.assert_array_equal(before, after)
+  assert len({tuple(np.ravel(k)) for leaf in jax.tree.leaves(keys_after) for k in leaf}) > 1
+  # The copies then compute what the source computes.
+  source.eval()
+  experts.eval()
+  x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3))
+  for k in range(3):
+    np.testing.assert_allclose(experts(x)[0][k], source(x)[0], rtol=1e-5, atol=1e-5)

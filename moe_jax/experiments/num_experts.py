@@ -32,6 +32,7 @@ from moe_jax import checkpoint
 from moe_jax.experiments import sweep_report
 
 RUN_MARKER = "sweep_run.json"
+COMPILATION_CACHE = "jax_cache"
 BASELINE = "baseline"
 
 
@@ -109,9 +110,14 @@ def _main_command(args: argparse.Namespace, workdir: Path, seed: int, overrides:
   return command
 
 
-def _run(command: list[str], what: str) -> None:
-  """Runs one pipeline, its output passing through; exits with its status if it fails."""
-  result = subprocess.run(command, check=False)
+def _run(command: list[str], what: str, cache: Path) -> None:
+  """Runs one pipeline, its output passing through; exits with its status if it fails.
+
+  The runs share JAX's persistent compilation cache in `cache`: every seed after the first
+  reuses the programs the first compiled (at N = 8 compiling is ~5 of its ~8 minutes).
+  """
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+  result = subprocess.run(command, check=False, env=env)
   if result.returncode:
     sys.exit(f"error: {what} failed (exit {result.returncode}); fix what it printed above "
              "and rerun the same command: finished runs are skipped, this one resumes.")
@@ -147,7 +153,7 @@ def main(argv: list[str]) -> None:
       print(f"[sweep] seed {seed}: the shared baseline (single model, MC dropout) -> {shared}",
             flush=True)
       _run(_main_command(args, shared, seed, overrides, stages=BASELINE),
-           f"the baseline of seed {seed}")
+           f"the baseline of seed {seed}", workdir / COMPILATION_CACHE)
       checkpoint.write_json(shared / RUN_MARKER, {"run": {"seed": seed}})
   for index, (seed, num_experts) in enumerate(runs, 1):
     target = run_dir(workdir, num_experts, seed)
@@ -160,7 +166,7 @@ def main(argv: list[str]) -> None:
     _link_baseline(workdir, seed, target)
     run_start = time.perf_counter()
     _run(_main_command(args, target, seed, overrides, num_experts=num_experts),
-         f"the run with N={num_experts}, seed {seed}")
+         f"the run with N={num_experts}, seed {seed}", workdir / COMPILATION_CACHE)
     checkpoint.write_json(target / RUN_MARKER, {
         "run": {"experts": num_experts, "seed": seed},
         "seconds": round(time.perf_counter() - run_start, 1)})
