@@ -104,9 +104,20 @@ def test_write_states_the_claim_and_the_table(sweep, tmp_path):
   report = (tmp_path / "sweep.md").read_text()
   assert "max-softmax ECE 10.0 ± 0.2 % at N = 2 → 5.0 ± 0.2 % at N = 8" in report
   assert "**better**" in report
+  assert "**On this data the claim is supported**: from N = 2 to N = 8 experts, 5 of" in report
   # 5 confidences (max softmax, PE, MI, EV, GE), all falling by more than the spread.
   assert "calibration got better on 5 (max softmax, PE, MI, EV, GE), worse on 0" in report
   rows = [line for line in report.splitlines() if line.startswith("| 8 |")]
   assert len(rows) == 1 and rows[0].split(" | ")[2] == "5.0 ± 0.2"
   assert json.loads((tmp_path / "sweep.json").read_text())["experts"] == [2, 4, 8]
   assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_claim_is_contradicted_when_calibration_worsens_with_n(tmp_path):
+  rng = np.random.default_rng(1)
+  runs = {(n, s): _fake_run(tmp_path / f"experts{n}_seed{s}", rng, ece + s * 1e-3)
+          for n, ece in ((2, 0.03), (8, 0.09)) for s in (0, 1)}
+  lines = sweep_report.claim_lines(sweep_report.collect(runs))
+  assert lines[0].startswith("**On this data the claim is contradicted**: from N = 2 to N = 8 "
+                             "experts, 0 of the MoEs' confidences became better calibrated and "
+                             "5 worse")

@@ -26,15 +26,20 @@ from moe_jax.report import _area, _pct, _routers, _table
 SWEEP_FILE = "sweep.json"
 FIGURE_FILE = "sweep.png"
 REPORT_FILE = "sweep.md"
-METRICS = ("miou", "ece", "pavpu_area", "p_uncertain_given_inaccurate", "ood_auroc")
+# The seed paper's measures: the claim and the figure are about these (a deterministic
+# router's routing measures are 0 everywhere).
+CLAIM_MEASURES = ("predictive_entropy", "mutual_information", "expert_variance",
+                  "gate_entropy")
 MEDIAN = 0.5
 
 
 def _reference_methods(results: dict) -> list[str]:
   """The deterministic ERM MoE of each gate, the ensemble of the same experts, and MC
   dropout with the most passes."""
-  moes = [m for m, kind in _routers(results).items()
-          if kind["router"] == "deterministic" and kind.get("objective", "erm") == "erm"]
+  kinds = _routers(results)
+  moes = sorted((m for m, kind in kinds.items()
+                 if kind["router"] == "deterministic" and kind.get("objective", "erm") == "erm"),
+                key=lambda m: results["gates"].index(kinds[m]["gate"]))
   passes = [int(m.rsplit("_", 1)[1]) for m in results["ood"] if
             m.startswith("mc_dropout_") and m.rsplit("_", 1)[1].isdigit()]
   return moes + ["ensemble"] + ([f"mc_dropout_{max(passes)}"] if passes else [])
@@ -168,13 +173,14 @@ def _main_moe(sweep: dict) -> str:
 
 
 def _measures(sweep: dict, method: str) -> list[str]:
+  """The CLAIM_MEASURES that `method` has."""
   first = next(iter(sweep["runs"].values()))["summary"][method]
-  return [m for m in MEASURES if m in first["ece"]]
+  return [m for m in CLAIM_MEASURES if m in first["ece"]]
 
 
 def claim_lines(sweep: dict) -> list[str]:
   """The paper's third claim as measured: the MoE's ECE from the fewest to the most experts."""
-  lines = []
+  lines, tallies = [], []
   n0, n1 = sweep["experts"][0], sweep["experts"][-1]
   for moe in [m for m in next(iter(sweep["runs"].values()))["summary"] if m.startswith("moe_")]:
     verdicts = {}
@@ -194,19 +200,25 @@ def claim_lines(sweep: dict) -> list[str]:
           f"at N = {n0} → {_pct(head['last'])} ± {_pct(head['last_std'])} % at N = {n1} "
           f"(Spearman ρ with N {rho}): **{head['verdict']}**.")
     lines.append(
-        f"  Over the {len(verdicts)} confidences (max softmax and each measure's 1 − u), "
+        f"  Over the {len(verdicts)} confidences (max softmax and 1 − u of "
+        f"{', '.join(MEASURES[m].short for m in _measures(sweep, moe))}), "
         f"calibration got better on {len(better)} "
         f"({', '.join(label[n] for n in better) or 'none'}), worse on {len(worse)} "
         f"({', '.join(label[n] for n in worse) or 'none'}), and moved less than the spread "
         f"over seeds on the rest.")
-  return lines
+    tallies.append((len(better), len(worse)))
+  better, worse = map(sum, zip(*tallies)) if tallies else (0, 0)
+  verdict = ("supported" if better > worse else "contradicted" if worse > better
+             else "not settled")
+  return [f"**On this data the claim is {verdict}**: from N = {n0} to N = {n1} experts, "
+          f"{better} of the MoEs' confidences became better calibrated and {worse} worse "
+          "(beyond the spread over seeds).", "", *lines]
 
 
 def table_lines(sweep: dict) -> list[str]:
   """One row per N: the main MoE's metrics, then the ensemble's and MC dropout's ECE."""
   moe = _main_moe(sweep)
-  measures = [m for m in ("predictive_entropy", "mutual_information", "expert_variance",
-                          "gate_entropy") if m in _measures(sweep, moe)]
+  measures = _measures(sweep, moe)
   short = [MEASURES[m].short for m in measures]
   others = [m for m in next(iter(sweep["runs"].values()))["summary"] if m != moe]
   header = (["N", "mIoU", "ECE max softmax"] + [f"ECE {s}" for s in short] +
