@@ -91,7 +91,8 @@ def main(argv) -> None:
   from moe_jax import calibrate, evaluate, input_pipeline, report, train
   config = _CONFIG.value
   runners = {**{name: functools.partial(train.run, name=name) for name in stages.STAGES},
-             "calibrate": calibrate.run, "evaluate": evaluate.run, "report": lambda config, workdir: report.write(workdir)}
+             "calibrate": calibrate.run, "evaluate": evaluate.run,
+             "report": lambda config, workdir: report.write(workdir)}
   start = time.perf_counter()
   try:
     config_checks.validate(config)  # every key a stage reads, before hours of training

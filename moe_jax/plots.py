@@ -370,8 +370,9 @@ def gate_weights(results: dict, histograms: Arrays, path: Path) -> Path:
   """The distribution of each MoE's gate weight on each expert, per clean test split.
 
   Rows are the MoE methods, columns the splits; in each panel one column per expert (K
-  columns), shaded by the fraction of units at each weight, with the mean weight. An "image" router (the simple gate)
-  weighs images, the others pixels (a classwise gate: the weights of the predicted class).
+  columns), shaded by the fraction of units at each weight, with the mean weight. An
+  "image" router (the simple gate) weighs images, the others pixels (a classwise gate: the
+  weights of the predicted class).
 
   Args:
     results: the loaded results.json (splits, "experts": the expert names, and

@@ -19,7 +19,8 @@ ROW_KEYS = {"method", "images_per_sec", "images_per_sec_min", "images_per_sec_ma
 def test_throughput_benchmark_writes_every_row_the_goals_and_a_table(tmp_path):
   out = tmp_path / "bench.json"
   result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.throughput", "--config=configs/cityscapes.py:smoke,experts=8",
+      [sys.executable, "-m", "benchmarks.throughput",
+       "--config=configs/cityscapes.py:smoke,experts=8",
        "--quick", "--experts=2,8", "--passes=10", "--routers=mfvr,der", "--samples=1,4",
        f"--out={out}",
        f"--cache={tmp_path / 'cache'}"],

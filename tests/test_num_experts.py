@@ -92,3 +92,13 @@ def test_bad_arguments_are_one_line(tmp_path, args, message):
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and message in result.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "moe_jax.experiments.num_experts", "--config", "configs/nope.py:x",
+       "--workdir", str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip() == ("error: --config configs/nope.py:x: no config file "
+                                   "configs/nope.py")
+  assert not (tmp_path / "w").exists()

@@ -143,8 +143,8 @@ def _finished(target: Path, num_experts: int, seed: int) -> bool:
 def main(argv: list[str]) -> None:
   args, overrides = parse_args(argv)
   workdir = Path(args.workdir).expanduser().resolve()
-  workdir.mkdir(parents=True, exist_ok=True)
   overrides = _shared_paths(args.config, workdir) + overrides  # the user's come last and win
+  workdir.mkdir(parents=True, exist_ok=True)
   runs = [(seed, n) for seed in args.seeds for n in args.experts]
   start = time.perf_counter()
   for seed in args.seeds:
