@@ -101,13 +101,12 @@ def collect(runs: dict[tuple[int, int], Path]) -> dict:
     raise ValueError(f"the runs evaluate different ID/OOD splits: {sorted(splits)}")
   experts = sorted({n for n, _ in runs})
   seeds = sorted({s for _, s in runs})
+  flat = {key: {"/".join(path): value for path, value in _leaves(run["summary"]).items()}
+          for key, run in per_run.items()}
   aggregate = {}
-  for run in per_run.values():
-    for path in _leaves(run["summary"]):
-      aggregate.setdefault("/".join(path), None)
-  for key in aggregate:
-    values = [[_leaves(per_run[f"{n}/{s}"]["summary"]).get(tuple(key.split("/")))
-               for s in seeds if f"{n}/{s}" in per_run] for n in experts]
+  for key in dict.fromkeys(k for leaves in flat.values() for k in leaves):
+    values = [[flat[f"{n}/{s}"].get(key) for s in seeds if f"{n}/{s}" in flat]
+              for n in experts]
     defined = [[v for v in row if v is not None] for row in values]
     aggregate[key] = {
         "mean": [float(np.mean(row)) if row else None for row in defined],
