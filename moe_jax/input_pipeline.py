@@ -145,8 +145,9 @@ def _frames(data: ml_collections.ConfigDict, split: str, frames_per_part: int,
 
 
 def workdir_path(workdir: str | os.PathLike) -> Path:
-  """The workdir as a Path, created; DataError if it cannot be."""
-  path = Path(workdir)
+  """The workdir as a Path, created; DataError if it cannot be. A leading "~" the shell
+  did not expand (as in --workdir=~/runs/x) is the home directory, never a folder named "~"."""
+  path = Path(workdir).expanduser()
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:

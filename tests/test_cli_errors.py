@@ -5,6 +5,7 @@ different workers.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,14 @@ def test_unwritable_workdir(run_main, tmp_path):
   code, out, err = run_main("--config=configs/a2d2.py:smoke", workdir=blocker / "run")
   assert code != 0
   assert err.strip().splitlines()[-1].startswith(f"error: cannot create workdir {blocker}/run")
+
+
+def test_a_tilde_the_shell_left_in_the_workdir_is_the_home_directory(run_main, tmp_path):
+  """--workdir=~/x: bash expands no tilde after "=", so the CLI gets "~/x" literally."""
+  repo = Path(__file__).resolve().parents[1]
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", "--stages=data",
+                            workdir="~/tilde_run", env={"HOME": str(tmp_path)})
+  assert code == 0, err[-2000:]
+  assert (tmp_path / "tilde_run" / "config.json").is_file()
+  assert (tmp_path / "tilde_run" / "data" / "a2d2_synthetic").is_dir()
+  assert not (repo / "~").exists()
