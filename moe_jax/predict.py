@@ -78,6 +78,9 @@ class Predictor:
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
       raise ValueError(f"predict takes uint8 RGB images [H,W,3] or [B,H,W,3]; got "
                        f"{images.dtype} {list(images.shape)}")
+    if 0 in images.shape:
+      raise ValueError(f"predict needs at least one image of at least 1x1 pixels; got an "
+                       f"empty batch {list(images.shape)}")
     out = _predict(self._members, self._model, jnp.asarray(images), build.key(seed),
                    self.image_size, len(self.class_names))
     if not member_probs:
@@ -135,8 +138,11 @@ def restore(path: str | os.PathLike, *, stage: str = "gate", expert: str | None 
   Raises:
     checkpoint.CheckpointError: no run in `path`, the stage has not finished there, or its
       checkpoint does not fit the run's config.
-    ValueError: an unknown stage or expert.
+    ValueError: an unknown stage or expert, or passes < 1.
   """
+  if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+    raise ValueError(f"passes={passes!r}: MC dropout's number of passes must be an integer "
+                     ">= 1")
   workdir, name = _locate(Path(path).expanduser(), stage)
   config = ml_collections.ConfigDict(checkpoint.load_config(workdir))
   names = input_pipeline.expert_names(config.data)

@@ -284,6 +284,12 @@ def test_restore_from_a_stage_dir_and_its_clear_errors(smoke_run, tmp_path):
     moe_jax.restore(workdir, stage="experts", expert="rural")
   with pytest.raises(ValueError, match="uint8 RGB images"):
     moe_jax.restore(workdir, stage="experts").predict(np.zeros((8, 8), np.uint8))
+  with pytest.raises(ValueError, match=r"at least one image .*; got an empty batch \[0, 8, 8, 3\]"):
+    moe_jax.restore(workdir, stage="experts").predict(np.zeros((0, 8, 8, 3), np.uint8))
+  for passes in (0, -1, 2.5, True):
+    with pytest.raises(ValueError, match=r"passes=.*: MC dropout's number of passes must be an "
+                                         r"integer >= 1"):
+      moe_jax.restore(workdir, stage="baseline", passes=passes)
   (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
   with pytest.raises(CheckpointError, match="stage 'gate_simple' has not finished"):
     moe_jax.restore(tmp_path)
