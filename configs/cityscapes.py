@@ -24,6 +24,8 @@ import pathlib
 
 import ml_collections
 
+from data_pipelines.synthetic_cities import OOD_CITIES, TEST_CITIES  # numpy and PIL, no TF
+
 PRESETS = ("paper", "synthetic", "smoke")
 
 
@@ -73,9 +75,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.corruption_split = "validation"
   if preset != "paper":
     small = preset == "smoke"
-    # The ID test cities and the OOD cities of data_pipelines/synthetic_cities.py.
-    config.data.city_splits = ml_collections.ConfigDict(dict(
-        test_id=("berlin", "bielefeld", "bonn"), test_ood=("leverkusen", "mainz", "munich")))
+    # The ID test cities and the OOD cities of the synthetic cities.
+    config.data.city_splits = ml_collections.ConfigDict(dict(test_id=TEST_CITIES,
+                                                             test_ood=OOD_CITIES))
     config.data.test_splits = ("test_id", "test_ood")
     config.eval.ood_splits = ("test_id", "test_ood")
     config.eval.corruption_split = "test_id"

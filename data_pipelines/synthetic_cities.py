@@ -42,10 +42,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipelines import DataError
-from data_pipelines.cityscapes_meta import TRAIN_CITIES
+from data_pipelines.cityscapes_meta import TRAIN_CITIES, VAL_CITIES
 from data_pipelines.synthetic import _remove_abandoned_partials
 
-VAL_CITIES = ("frankfurt", "lindau", "munster")
+# The official test cities (cityscapes_meta.TEST_CITIES), cut into in-distribution and OOD.
 TEST_CITIES = ("berlin", "bielefeld", "bonn")
 OOD_CITIES = ("leverkusen", "mainz", "munich")
 
