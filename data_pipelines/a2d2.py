@@ -17,6 +17,8 @@ domains and union splits are in `a2d2_meta`, which imports without TensorFlow.
 Deliberate difference from the reference code: its `encode_segmap` maps only the first
 colour of each class and turns the other 17 colours (Car 2-4, Bicycle 2-4, ...) into "Car".
 Here every one of the 55 colours maps to its class, and unknown colours map to 255 (ignored).
+Preparing a split logs the share of its label pixels that were ignored (see
+`check_ignored_share`).
 """
 
 from __future__ import annotations
@@ -44,41 +46,58 @@ from data_pipelines.a2d2_meta import CLASS_NAMES, COMBINED_SPLITS, DOMAINS, clas
 # TFDS warns "Using custom data configuration" each time one is opened. Silence only that.
 logging.getLogger("absl").addFilter(
     lambda record: "Using custom data configuration" not in record.getMessage())
+_log = logging.getLogger(__name__)
 
 REFERENCE_SPLIT_DIR = Path(__file__).parent / "splits" / "a2d2"
 
 _FRAME_RE = re.compile(r"(\d{14})_(?:label|camera)_frontcenter_(\d+)\.png$")
 _HEX_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 
+# Above this share of ignored label pixels a split's note is a warning (see
+# `check_ignored_share`).
+IGNORED_SHARE_WARNING = 0.01
+
 
 # ----------------------------------------------------------------------------- labels
 
 
 def read_class_list(path: str | os.PathLike) -> dict[str, str]:
-  """Reads A2D2's class_list.json: {"#rrggbb": "Car 1", ...}.
+  """Reads A2D2's class_list.json: {"#rrggbb": "Car 1", ...}, colours in lower case.
+
+  A colour listed twice under the same name (also as "#FF0000" and "#ff0000") is read once.
 
   Raises:
-    DataError: the file is missing, is not JSON, or holds a key that is not a colour or a
-      name that is not an A2D2 class.
+    DataError: the file is missing, is not JSON, or holds a key that is not a colour, a
+      name that is not an A2D2 class, or one colour under two names.
   """
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path} not found: every A2D2 root holds class_list.json "
                     "(it comes with the camera_lidar_semantic download).")
   try:
-    class_list = json.loads(path.read_text())
+    # Objects decode to tuples of (key, value) pairs, so that a repeated key is seen (a
+    # dict would keep the last one only); arrays stay lists.
+    pairs = json.loads(path.read_text(), object_pairs_hook=tuple)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise DataError(f"{path} is not valid JSON ({e}); restore it from the A2D2 download.") from e
-  if not isinstance(class_list, dict) or not class_list:
+  if not isinstance(pairs, tuple) or not pairs:
     raise DataError(f"{path} must be a JSON object mapping '#rrggbb' to class names.")
-  for colour, name in class_list.items():
-    if not _HEX_RE.match(str(colour)):
+  class_list, spelling = {}, {}
+  for colour, name in pairs:
+    if not _HEX_RE.match(colour):
       raise DataError(f"{path}: key {colour!r} is not a '#rrggbb' colour.")
     try:
       class_id(str(name))
     except ValueError:
       raise DataError(f"{path}: {name!r} (colour {colour}) is not an A2D2 class; "
                       f"expected one of {', '.join(CLASS_NAMES)}.") from None
+    key = colour.lower()
+    first = spelling.setdefault(key, colour)
+    if class_list.setdefault(key, name) != name:
+      where = colour if first == colour else f"{first} (again as {colour})"
+      raise DataError(f"{path}: colour {where} is listed twice, as {class_list[key]!r} and as "
+                      f"{name!r}; keep the right one (A2D2's class_list.json lists each colour "
+                      "once).")
   return class_list
 
 
@@ -144,14 +163,17 @@ class Frame:
 def parse_split_list(path: str | os.PathLike) -> list[Frame]:
   """Reads a split list: one label (or camera) file name per line, any leading folders.
 
+  Blank lines, spaces around a name, CRLF line ends and a UTF-8 byte order mark are fine.
+
   Raises:
-    DataError: the file is missing, empty, or has a line that names no A2D2 frame.
+    DataError: the file is missing, empty, has a line that names no A2D2 frame, or names a
+      frame twice (by its label or its camera file: TFDS refuses repeated keys).
   """
   path = Path(path)
   if not path.is_file():
     raise DataError(f"split list {path} not found.")
-  frames = []
-  for number, line in enumerate(path.read_text().splitlines(), 1):
+  first_line = {}  # frame -> number of the line naming it, in the list's order
+  for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
     line = line.strip()
     if not line:
       continue
@@ -159,10 +181,13 @@ def parse_split_list(path: str | os.PathLike) -> list[Frame]:
     if match is None:
       raise DataError(f"{path}:{number}: {line!r} names no A2D2 frame; expected e.g. "
                       "'highway/train_val/GT/20181204135952_label_frontcenter_000094929.png'.")
-    frames.append(Frame(*match.groups()))
-  if not frames:
+    frame = Frame(*match.groups())
+    if first_line.setdefault(frame, number) != number:
+      raise DataError(f"split list {path}:{number} names frame {frame.key} again (first on "
+                      f"line {first_line[frame]}); remove the duplicate line.")
+  if not first_line:
     raise DataError(f"split list {path} is empty: give it at least one frame.")
-  return frames
+  return list(first_line)
 
 
 def split_files(split_dir: str | os.PathLike | None = None) -> dict[str, Path]:
@@ -188,7 +213,7 @@ def _checked_example(frame: Frame, root: Path, lookup: tuple[np.ndarray, np.ndar
                      domain: int) -> dict:
   """Reads one frame's label (decoded to ids once, here) and checks its camera image."""
   camera, label = frame.camera_path(root), frame.label_path(root)
-  rgb = _read_png(label, lambda image: np.asarray(image.convert("RGB")))
+  rgb = _read_png(label, lambda image: _label_colours(image, label))
   # verify() walks every chunk and its checksum: it catches a truncated camera image
   # without decoding it (the stream decodes it every epoch anyway).
   camera_size = _read_png(camera, lambda image: (image.size, image.verify())[0])
@@ -197,6 +222,19 @@ def _checked_example(frame: Frame, root: Path, lookup: tuple[np.ndarray, np.ndar
                     f"{label} is {rgb.shape[1]}x{rgb.shape[0]}; re-extract both files.")
   return {"image": os.fspath(camera), "label": _map_colours(rgb, lookup)[..., None],
           "domain": domain, "frame": frame.key}
+
+
+def _label_colours(image: Image.Image, path: Path) -> np.ndarray:
+  """uint8 [H, W, 3]: the colours of an RGB(A) or palette label; refuses a grey one.
+
+  Camera images may be of any PNG mode (the stream decodes them to RGB, 16 bits scaled to
+  8), but a grey label cannot hold A2D2's colour code.
+  """
+  if not {"R", "P"} & set(image.getbands()):
+    raise DataError(f"label PNG {path} is grayscale (mode {image.mode}); A2D2 labels are RGB "
+                    "colour codes (class_list.json), so grey levels or class ids cannot be "
+                    "read: use the label PNG of the A2D2 download.")
+  return np.asarray(image.convert("RGB"))
 
 
 def _read_png(path: Path, read: Callable):
@@ -264,8 +302,8 @@ class A2D2Segmentation(tfds.core.GeneratorBasedBuilder):
     root = Path(dl_manager.manual_dir)
     check_root(root)
     lookup = label_lookup(read_class_list(root / "class_list.json"))
-    splits = {name: parse_split_list(path)
-              for name, path in split_files(self.builder_config.split_dir).items()}
+    files = split_files(self.builder_config.split_dir)
+    splits = {name: parse_split_list(path) for name, path in files.items()}
     missing = [frame.label_path(root) for frames in splits.values() for frame in frames
                if not (frame.label_path(root).is_file() and frame.camera_path(root).is_file())]
     if missing:
@@ -273,13 +311,47 @@ class A2D2Segmentation(tfds.core.GeneratorBasedBuilder):
       raise DataError(f"{len(missing)} frames of the split lists in "
                       f"{self.builder_config.split_dir} are not under {root} (first: {shown}); "
                       "complete the A2D2 download or pass data.split_dir with your own lists.")
-    return {name: self._generate_examples(frames, root, lookup, domain_of(name))
+    return {name: self._generate_examples(name, files[name], frames, root, lookup)
             for name, frames in splits.items()}
 
-  def _generate_examples(self, frames, root, lookup, domain):
+  def _generate_examples(self, split, list_path, frames, root, lookup):
+    """Yields the split's checked frames, then notes (or refuses) its ignored pixels."""
+    domain = domain_of(split)
+
     def example(frame):
       return frame.key, _checked_example(frame, root, lookup, domain)
-    yield from _ordered_parallel_map(example, frames, workers=os.cpu_count() or 2)
+
+    ignored = pixels = 0
+    for key, checked in _ordered_parallel_map(example, frames, workers=os.cpu_count() or 2):
+      ignored += np.count_nonzero(checked["label"] == IGNORE_LABEL)
+      pixels += checked["label"].size
+      yield key, checked
+    check_ignored_share(split, list_path, root / "class_list.json", ignored, pixels)
+
+
+def check_ignored_share(split: str, list_path: Path, class_list_path: Path, ignored: int,
+                        pixels: int) -> None:
+  """Notes the share of a split's label pixels whose colour is not in class_list.json.
+
+  One INFO line per split; above `IGNORED_SHARE_WARNING` (1 %) a WARNING instead: A2D2
+  labels every pixel with one of the 55 listed colours, so a larger share points at a
+  class_list.json that lacks colours or at labels that are not A2D2's.
+
+  Raises:
+    DataError: every pixel is ignored: nothing of the split would be trained or scored.
+  """
+  where = f"A2D2 split {split} ({list_path})"
+  if ignored == pixels:
+    raise DataError(f"{where}: all {pixels} label pixels have colours not in "
+                    f"{class_list_path}; either that file is not A2D2's or the labels are not "
+                    "A2D2's RGB colour codes: restore them from the A2D2 download.")
+  note = (f"{where}: {ignored / pixels:.1%} of {pixels} label pixels have colours not in "
+          f"{class_list_path} (ignored)")
+  if ignored / pixels > IGNORED_SHARE_WARNING:
+    _log.warning("%s; more than %s suggests a class_list.json that is not A2D2's or labels "
+                 "that are not its colour codes.", note, f"{IGNORED_SHARE_WARNING:.0%}")
+  else:
+    _log.info("%s.", note)
 
 
 def check_root(root: str | os.PathLike) -> None:

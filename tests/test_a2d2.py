@@ -1,10 +1,12 @@
 """A2D2 labels, split lists, the TFDS builder and dataset() on a generated tree."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from data_pipelines import DataError, a2d2, a2d2_meta
@@ -53,6 +55,10 @@ def test_class_id_drops_the_instance_number_only():
     ("[1, 2]", "must be a JSON object"),
     ('{"red": "Car 1"}', "is not a '#rrggbb' colour"),
     ('{"#ff0000": "Spaceship 1"}', "'Spaceship 1' (colour #ff0000) is not an A2D2 class"),
+    ('{"#ff0000": "Car 1", "#00ff00": "Sky", "#ff0000": "Bicycle 1"}',
+     "colour #ff0000 is listed twice, as 'Car 1' and as 'Bicycle 1'"),
+    ('{"#FF0000": "Car 1", "#ff0000": "Bicycle 1"}',
+     "colour #FF0000 (again as #ff0000) is listed twice, as 'Car 1' and as 'Bicycle 1'"),
 ])
 def test_malformed_class_list(tmp_path, content, message):
   path = tmp_path / "class_list.json"
@@ -60,6 +66,13 @@ def test_malformed_class_list(tmp_path, content, message):
   with pytest.raises(DataError, match=str(path)) as error:
     a2d2.read_class_list(path)
   assert message in str(error.value)
+
+
+def test_class_list_repeating_a_colour_with_the_same_name_is_read_once(tmp_path):
+  """JSON keeps only the last of two equal keys; a repeat that changes nothing is harmless."""
+  path = tmp_path / "class_list.json"
+  path.write_text('{"#FF0000": "Car 1", "#87ceff": "Sky", "#ff0000": "Car 1"}')
+  assert a2d2.read_class_list(path) == {"#ff0000": "Car 1", "#87ceff": "Sky"}
 
 
 def test_missing_class_list(tmp_path):
@@ -102,6 +115,18 @@ def test_parse_split_list_errors(tmp_path):
   bad.write_text("not_a_frame.png\n")
   with pytest.raises(DataError, match="bad.txt:1: 'not_a_frame.png' names no A2D2 frame"):
     a2d2.parse_split_list(bad)
+
+
+def test_split_list_with_crlf_bom_blank_lines_and_trailing_spaces(a2d2_root, tmp_path):
+  """A list saved on Windows (UTF-8 with BOM, CRLF) reads as the clean one."""
+  clean = a2d2_root / "splits" / "urban_val.txt"
+  lines = ["", *[line + "  \t" for line in clean.read_text().splitlines()], "   ", ""]
+  messy = tmp_path / "messy.txt"
+  messy.write_bytes("\ufeff".encode() + "\r\n".join(lines).encode())
+  assert a2d2.parse_split_list(messy) == a2d2.parse_split_list(clean)
+  messy.write_bytes("\ufeffnot_a_frame.png\r\n".encode())
+  with pytest.raises(DataError, match="messy.txt:1: 'not_a_frame.png' names no A2D2 frame"):
+    a2d2.parse_split_list(messy)
 
 
 def test_domains_follow_split_prefixes():
@@ -294,6 +319,119 @@ def test_image_label_size_mismatch(broken_root, tmp_path):
   path = frame.camera_path(broken_root)
   Image.open(path).resize((40, 24)).save(path)
   prepare_fails(broken_root, tmp_path, f"size mismatch: {path} is 40x24 but .* is 80x48")
+
+
+def frames_of(root, split):
+  return a2d2.parse_split_list(root / "splits" / f"{split}.txt")
+
+
+def own_lists(tmp_path, **lists):
+  """A split_dir holding `<name>.txt` for each name=frames given."""
+  split_dir = tmp_path / "lists"
+  split_dir.mkdir()
+  for name, frames in lists.items():
+    (split_dir / f"{name}.txt").write_text(
+        "".join(f"{f.seq}_label_frontcenter_{f.frame}.png\n" for f in frames))
+  return split_dir
+
+
+def stream_own_list(root, tmp_path, frames):
+  """{frame key: (image, label)} of `frames` streamed as one list at their native size."""
+  batch = next(a2d2.dataset(root, "mine", image_size=(48, 80), batch_size=len(frames),
+                            train=False, split_dir=own_lists(tmp_path, mine=frames),
+                            tfds_dir=tmp_path / "tfds").as_numpy_iterator())
+  return {k.decode(): (i, l) for k, i, l in zip(batch["frame"], batch["image"], batch["label"])}
+
+
+def test_camera_pngs_of_other_modes_stream_as_rgb(broken_root, tmp_path):
+  """Grey, grey + alpha, RGBA, palette and 16-bit (grey and RGB) camera PNGs stream as uint8
+  RGB; 16-bit values are scaled to 0-255 (v / 257), not wrapped or cut to their low byte."""
+  frames = frames_of(broken_root, "highway_train")[:6]
+  rng = np.random.default_rng(0)
+  expected = {}
+  for frame, mode in zip(frames, ["L", "LA", "RGBA", "P", "I;16", "RGB;16"]):
+    path = frame.camera_path(broken_root)
+    rgb = np.asarray(Image.open(path))
+    if mode.endswith(";16"):  # PIL writes no 16-bit RGB PNG; TensorFlow writes both
+      wide = rng.integers(0, 2**16, (*rgb.shape[:2], 1 if mode == "I;16" else 3), np.uint16)
+      path.write_bytes(tf.io.encode_png(wide).numpy())
+      expected[frame.key] = np.broadcast_to(wide / 257, rgb.shape)
+    else:
+      image = Image.fromarray(rgb).convert(mode)
+      image.save(path)
+      expected[frame.key] = np.asarray(image.convert("RGB"))
+  assert Image.open(frames[4].camera_path(broken_root)).mode == "I;16"
+  streamed = stream_own_list(broken_root, tmp_path, frames)
+  for key, (image, _) in streamed.items():
+    assert image.dtype == np.uint8 and image.shape == (48, 80, 3)
+    np.testing.assert_allclose(image, expected[key], atol=1, err_msg=key)
+
+
+def test_palette_label_decodes_like_the_rgb_one(broken_root, tmp_path):
+  frames = frames_of(broken_root, "urban_val")[:2]
+  class_list = a2d2.read_class_list(broken_root / "class_list.json")
+  expected = {}
+  for frame in frames:
+    path = frame.label_path(broken_root)
+    rgb = np.asarray(Image.open(path))
+    expected[frame.key] = a2d2.decode_label(rgb, class_list)
+    colours, index = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+    palette = Image.fromarray(index.reshape(rgb.shape[:2]).astype(np.uint8), "P")
+    palette.putpalette(colours.astype(np.uint8).tobytes())
+    palette.save(path)
+    assert Image.open(path).mode == "P"
+  for key, (_, label) in stream_own_list(broken_root, tmp_path, frames).items():
+    np.testing.assert_array_equal(label, expected[key])
+
+
+def test_split_list_naming_a_frame_twice(broken_root, tmp_path):
+  """Once by its label and once by its camera file name: TFDS would stop on the key."""
+  path = broken_root / "splits" / "urban_val.txt"
+  first = a2d2.parse_split_list(path)[0]
+  with path.open("a") as lines:
+    lines.write(f"elsewhere/{first.seq}_camera_frontcenter_{first.frame}.png\n")
+  prepare_fails(broken_root, tmp_path, rf"^split list {path}:4 names frame {first.key} again "
+                r"\(first on line 1\); remove the duplicate line\.$")
+
+
+def test_split_whose_labels_are_all_unknown_colours(broken_root, tmp_path):
+  """Labels that are not A2D2 colour codes fail their split instead of training on nothing."""
+  for frame in frames_of(broken_root, "highway_val"):
+    path = frame.label_path(broken_root)
+    Image.new("RGB", Image.open(path).size, (1, 2, 3)).save(path)
+  prepare_fails(broken_root, tmp_path,
+                rf"^A2D2 split highway_val \({broken_root}/splits/highway_val.txt\): all 11520 "
+                rf"label pixels have colours not in {broken_root}/class_list.json; .*A2D2's RGB "
+                r"colour codes")
+
+
+def test_share_of_ignored_label_pixels_is_noted_per_split(broken_root, tmp_path, caplog):
+  clean, painted = frames_of(broken_root, "urban_train")[:2]
+  path = painted.label_path(broken_root)
+  label = np.array(Image.open(path))
+  label[:24] = (1, 2, 3)  # half of one of two labels: 25 % of the split
+  Image.fromarray(label).save(path)
+  caplog.set_level(logging.INFO, logger="data_pipelines.a2d2")
+  split_dir = own_lists(tmp_path, clean=[clean], mixed=[clean, painted])
+  builder = a2d2.prepare(broken_root, split_dir=split_dir, tfds_dir=tmp_path / "tfds")
+  assert a2d2.num_examples("mixed", builder) == 2
+  notes = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == a2d2.__name__]
+  class_list = broken_root / "class_list.json"
+  assert notes == [
+      ("INFO", f"A2D2 split clean ({split_dir}/clean.txt): 0.0% of 3840 label pixels have "
+               f"colours not in {class_list} (ignored)."),
+      ("WARNING", f"A2D2 split mixed ({split_dir}/mixed.txt): 25.0% of 7680 label pixels have "
+                  f"colours not in {class_list} (ignored); more than 1% suggests a "
+                  "class_list.json that is not A2D2's or labels that are not its colour codes.")]
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "I;16"])
+def test_grayscale_label_png(broken_root, tmp_path, mode):
+  frame = frames_of(broken_root, "ambiguous_test")[1]
+  path = frame.label_path(broken_root)
+  Image.open(path).convert(mode).save(path)
+  prepare_fails(broken_root, tmp_path, rf"^label PNG {path} is grayscale \(mode {mode}\); "
+                r"A2D2 labels are RGB colour codes \(class_list.json\)")
 
 
 def test_failed_prepare_then_fixed_tree_prepares(broken_root, tmp_path):
