@@ -172,8 +172,13 @@ def parse_split_list(path: str | os.PathLike) -> list[Frame]:
   path = Path(path)
   if not path.is_file():
     raise DataError(f"split list {path} not found.")
+  try:
+    text = path.read_text(encoding="utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise DataError(f"split list {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                    "save it as UTF-8, one frame per line.") from None
   first_line = {}  # frame -> number of the line naming it, in the list's order
-  for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+  for number, line in enumerate(text.splitlines(), 1):
     line = line.strip()
     if not line:
       continue

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import checkpoint, input_pipeline, methods, stages, temperature
+from moe_jax import (input_pipeline, methods, output_files, stages,
+                     temperature)
 from moe_jax.models import build
 
 CALIBRATION_FILE = "calibration.json"
@@ -206,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
           config, runs, {"expert_temperatures": result["expert_temperatures"], "aggregate": {}})
       tempered, _, _ = _gather(config, outputs, models, extras, *gathered)
       fit_all(tempered, mocae)
-  checkpoint.write_json(path, result)
+  output_files.write_json(path, result)
   print(f"calibrate: {len(result['aggregate'])} aggregate and "
         f"{len(result['expert_temperatures'])} expert temperatures on "
         f"{config.data.val_split} ({result.get('pixels', 0)} pixels, grid stride {stride}) in "

@@ -30,7 +30,6 @@ import os
 import pathlib
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from moe_jax import output_files
 from moe_jax.config_checks import ADDED_CONFIG_KEYS, MUTABLE_CONFIG_KEYS
 
 PyTree = Any
@@ -483,34 +483,9 @@ def _first_line(e: BaseException) -> str:
 
 # -------------------------------------------------------------------- config
 
-def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> pathlib.Path:
-  """Writes a JSON object to `path` atomically (see `write_atomic`)."""
-  return write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> pathlib.Path:
-  """Writes `data` to `path` so that readers see the old file or the new one, never a mix.
-
-  The bytes go to a temp file in the same directory, are fsynced, then `os.replace`d.
-  """
-  target = pathlib.Path(path).expanduser()
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())  # the rename must not land before the data does
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are for everyone to read
-    os.replace(tmp, target)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return target
-
-
 def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> pathlib.Path:
-  """Writes the resolved config to `<workdir>/config.json`, atomically (see `write_json`).
+  """Writes the resolved config to `<workdir>/config.json`, atomically
+  (`output_files.write_json`).
 
   Args:
     workdir: the run's directory (created if missing).
@@ -527,7 +502,7 @@ def save_config(workdir: str | os.PathLike, config: Mapping[str, Any] | str) -> 
       raise ValueError(f"config string is not JSON: {e}") from e
   if not isinstance(config, Mapping):
     raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
-  return write_json(pathlib.Path(workdir) / CONFIG_FILE, config)
+  return output_files.write_json(pathlib.Path(workdir) / CONFIG_FILE, config)
 
 
 def check_same_run(workdir: str | os.PathLike, config: Mapping[str, Any]) -> None:

@@ -12,9 +12,7 @@ devices, hosts or shards merge by addition.
 from __future__ import annotations
 
 import functools
-import io
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,7 +25,7 @@ from tqdm import tqdm
 
 from data_pipelines import corruptions
 from moe_jax import (calibrate, checkpoint, input_pipeline, measures, methods, metrics,
-                     quantile_thresholds, stability, stages)
+                     output_files, quantile_thresholds, stability, stages)
 from moe_jax.config_checks import ConfigError
 from moe_jax.models import build, routers
 
@@ -361,23 +359,6 @@ def _json(value):
   return value
 
 
-def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-  """Named arrays in one .npz (np.load reads it), atomically (plain arrays: read with
-  allow_pickle=False).
-
-  Deflated as np.savez_compressed does, at zlib level 1 instead of its default: the
-  detection histograms are mostly zeros, and the demo's 1.4 GB of arrays took 6.4 s
-  (65 MB) where the default level took 20.4 s (54 MB).
-  """
-  buffer = io.BytesIO()
-  with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED,
-                       compresslevel=1) as archive:
-    for name, value in arrays.items():
-      with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
-        np.lib.format.write_array(entry, np.asanyarray(value), allow_pickle=False)
-  checkpoint.write_atomic(path, buffer.getvalue())
-
-
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
   """{"a": {"b": x}} -> {"a/b": x}."""
   flat = {}
@@ -432,7 +413,7 @@ def print_stability(entry: dict) -> None:
 
 def write_results(workdir: str | Path, results: dict) -> Path:
   """Writes `<workdir>/results.json` atomically."""
-  return checkpoint.write_json(Path(workdir) / RESULTS_FILE, results)
+  return output_files.write_json(Path(workdir) / RESULTS_FILE, results)
 
 
 def print_table(results: dict, splits: Iterable[str]) -> None:
@@ -674,10 +655,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     results["routing_stability"] = routing_stability(
         config, moes, [spec.method for spec in stages.gate_specs(config)])
     print_stability(results["routing_stability"])
-  _write_arrays(Path(workdir) / HISTOGRAMS_FILE,
+  output_files.write_arrays(Path(workdir) / HISTOGRAMS_FILE,
                 {f"{split}/{method}/{name}": value for (split, method), stats in totals.items()
                  for name, value in stats.items()})
-  _write_arrays(Path(workdir) / PANELS_FILE, _flatten(panels))
+  output_files.write_arrays(Path(workdir) / PANELS_FILE, _flatten(panels))
   path = write_results(workdir, results)
   print(f"evaluate: {len(config.data.test_splits)} splits + {len(corrupted)} corrupted in "
         f"{time.perf_counter() - start:.0f} s -> {path}")

@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import platform
+import signal
 import sys
 import time
 
@@ -25,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_pipelines import DataError
-from moe_jax import checkpoint, config_checks, stages
+from moe_jax import checkpoint, config_checks, output_files, run_lock, stages
 
 STAGES = ("data", *stages.STAGES, "calibrate", "evaluate", "report")
 
@@ -77,8 +78,15 @@ def pin_cpu_isa() -> None:
     os.environ["XLA_FLAGS"] = f"{flags_now} --xla_cpu_max_isa={CPU_ISA}".strip()
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+  """SIGTERM (a scheduler's preemption, `kill`) ends the run as Ctrl-C does: the `finally`
+  blocks run (temp files removed, the workdir's lock released) before the process exits."""
+  raise KeyboardInterrupt
+
+
 def main(argv) -> None:
   pin_cpu_isa()
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   unknown = [s for s in _STAGES.value if s not in STAGES]
@@ -97,18 +105,23 @@ def main(argv) -> None:
   try:
     config_checks.validate(config)  # every key a stage reads, before hours of training
     workdir = input_pipeline.workdir_path(_WORKDIR.value)
-    with config.unlocked():
-      input_pipeline.resolve_paths(config.data, workdir)
-    resolved = json.loads(config.to_json_best_effort())
-    checkpoint.check_same_run(workdir, resolved)
-    checkpoint.save_config(workdir, resolved)
-    run_data_stage(config)  # every stage reads the data; a no-op once it is prepared
-    for stage in STAGES[1:]:
-      if stage in _STAGES.value:
-        runners[stage](config, workdir)
+    with run_lock.hold(workdir):
+      with config.unlocked():
+        input_pipeline.resolve_paths(config.data, workdir)
+      resolved = json.loads(config.to_json_best_effort())
+      checkpoint.check_same_run(workdir, resolved)
+      checkpoint.save_config(workdir, resolved)
+      run_data_stage(config)  # every stage reads the data; a no-op once it is prepared
+      for stage in STAGES[1:]:
+        if stage in _STAGES.value:
+          runners[stage](config, workdir)
   except (config_checks.ConfigError, DataError, checkpoint.CheckpointError,
-          FloatingPointError) as e:
+          output_files.OutputError, run_lock.WorkdirBusy, FloatingPointError) as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:
+    print(f"interrupted: nothing half-written was left; the same command resumes "
+          f"({_WORKDIR.value})", file=sys.stderr)
+    sys.exit(130)
   print(f"all requested stages done in {time.perf_counter() - start:.0f} s ({workdir})")
 
 

@@ -9,9 +9,7 @@ the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -23,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 import numpy as np
 
-from moe_jax import metrics
+from moe_jax import metrics, output_files
 from moe_jax.measures import MEASURES
 
 # The evaluate stage's outputs (evaluate.RESULTS_FILE etc.; evaluate itself is not imported:
@@ -103,10 +101,8 @@ def _grid(count: int, max_columns: int) -> tuple[int, int]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=DPI)
-  return path
+  """Writes the figure as a PNG atomically: a kill or a full disk never leaves half of one."""
+  return output_files.write_atomic(path, output_files.figure_png(fig, dpi=DPI))
 
 
 # ------------------------------------------------------------- conditional correctness
@@ -553,18 +549,6 @@ def _max_label(labels: np.ndarray) -> int:
 
 # -------------------------------------------------------------------------- write_all
 
-def _load_arrays(path: Path) -> dict[str, np.ndarray]:
-  """The arrays of an .npz ({} when it does not exist)."""
-  with _lazy_arrays(path) as data:
-    return dict(data)
-
-
-def _lazy_arrays(path: Path):
-  """A context manager: the .npz as a mapping that reads an array when it is looked up
-  (never unpickling: an object array raises ValueError), or {} when it does not exist."""
-  return np.load(path, allow_pickle=False) if path.exists() else contextlib.nullcontext({})
-
-
 # ------------------------------------------------------------------ routing stability
 
 def routing_stability(results: dict, path: Path) -> Path:
@@ -686,10 +670,11 @@ def write_all(workdir: str | Path) -> list[Path]:
   workdir = Path(workdir)
   if not (workdir / RESULTS_FILE).exists():
     return []
-  results = json.loads((workdir / RESULTS_FILE).read_text())
-  panels = _load_arrays(workdir / PANELS_FILE)
+  results = output_files.read_json(workdir / RESULTS_FILE, rewritten_by="evaluate")
+  panels = output_files.read_arrays(workdir / PANELS_FILE, rewritten_by="evaluate")
   out = workdir / PLOTS_DIR
   # The histograms are read as the figures ask for them (the demo's hold ~6,500 arrays,
   # the figures read a few hundred).
-  with _lazy_arrays(workdir / HISTOGRAMS_FILE) as histograms:
+  with output_files.open_arrays(workdir / HISTOGRAMS_FILE,
+                                rewritten_by="evaluate") as histograms:
     return [draw(out / name) for name, draw in _jobs(results, histograms, panels)]

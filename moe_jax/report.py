@@ -3,12 +3,12 @@ expects, and the paper's claims as measured on this run's data)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from moe_jax import calibration_report, checkpoint, evaluate, plots, routing_report
+from moe_jax import (calibration_report, checkpoint, evaluate, output_files, plots,
+                     routing_report)
 from moe_jax.measures import MEASURES
 from moe_jax.plots import method_rank, primary
 
@@ -133,7 +133,7 @@ def write(workdir: str | Path) -> Path:
   if not path.is_file():
     raise checkpoint.CheckpointError(f"no {path}; run the 'evaluate' stage first "
                                      "(--stages=evaluate) with the same --workdir")
-  results = json.loads(path.read_text())
+  results = output_files.read_json(path, rewritten_by="evaluate")
   config = checkpoint.load_config(workdir)
   splits = [s for s in config["data"]["test_splits"] if s in results["splits"]]
   # The variants (hard, tempered, MoCaE) are in the calibration section's table only.
@@ -192,6 +192,6 @@ def write(workdir: str | Path) -> Path:
   if figures:
     lines += ["## Figures", "", *(f"![{path.stem}]({path.relative_to(workdir)})\n"
                                   for path in figures)]
-  out = checkpoint.write_atomic(workdir / REPORT_FILE, ("\n".join(lines) + "\n").encode())
+  out = output_files.write_atomic(workdir / REPORT_FILE, ("\n".join(lines) + "\n").encode())
   print(f"report: {out}")
   return out

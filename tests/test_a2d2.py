@@ -127,6 +127,9 @@ def test_split_list_with_crlf_bom_blank_lines_and_trailing_spaces(a2d2_root, tmp
   messy.write_bytes("\ufeffnot_a_frame.png\r\n".encode())
   with pytest.raises(DataError, match="messy.txt:1: 'not_a_frame.png' names no A2D2 frame"):
     a2d2.parse_split_list(messy)
+  messy.write_text(clean.read_text(), encoding="utf-16")  # Notepad's "Unicode"
+  with pytest.raises(DataError, match="split list .*messy.txt is not UTF-8 text"):
+    a2d2.parse_split_list(messy)
 
 
 def test_domains_follow_split_prefixes():

@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import checkpoint
+from moe_jax import checkpoint, output_files
 from moe_jax.checkpoint import CheckpointError, StageCheckpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -433,7 +433,8 @@ def test_config_is_never_half_written(tmp_path, monkeypatch):
     raise OSError("killed before the rename")
 
   monkeypatch.setattr(os, "replace", crash_before_rename)
-  with pytest.raises(OSError, match="killed"):
+  with pytest.raises(output_files.OutputError, match=r"\(killed before the rename\); the "
+                     "previous config.json is intact"):
     checkpoint.save_config(tmp_path, {"version": 2, "big": list(range(1000))})
   assert (tmp_path / "config.json").read_text() == before
   assert json.loads(written[0])["version"] == 2

@@ -113,3 +113,25 @@ def test_a_tilde_the_shell_left_in_the_workdir_is_the_home_directory(run_main, t
   assert (tmp_path / "tilde_run" / "config.json").is_file()
   assert (tmp_path / "tilde_run" / "data" / "a2d2_synthetic").is_dir()
   assert not (repo / "~").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("eval.batch_size=0", "error: config key eval.batch_size=0 must be"),
+    ("eval.mc_dropout_passes=(0,)", "error: config key eval.mc_dropout_passes=0 must be"),
+    ("train.keep_checkpoints=0", "error: config key train.keep_checkpoints=0 must be"),
+    ("train.log_every=0", "error: config key train.log_every=0 must be"),
+])
+def test_a_zero_count_is_refused_before_it_touches_a_finished_run(run_main, tmp_path,
+                                                                  override, message):
+  """On a workdir holding results: refused before any work, every file as it was."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  files = {"results.json": '{"splits": {}}\n', "config.json": "{}\n", "report.md": "# R\n"}
+  for name, text in files.items():
+    (workdir / name).write_text(text)
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", f"--config.{override}",
+                            workdir=workdir)
+  assert code == 1 and out == "", out
+  assert err.strip().splitlines()[-1].startswith(message), err
+  assert {p.name: p.read_text() for p in workdir.iterdir()} == files

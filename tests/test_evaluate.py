@@ -197,15 +197,3 @@ def test_batch_statistics_of_every_method_equal_each_computed_alone(max_vmapped_
       else:
         np.testing.assert_allclose(stats[method][name], value, rtol=1e-6, atol=1e-6,
                                    err_msg=method + name)
-
-
-def test_written_arrays_read_back_exactly_with_np_load(tmp_path):
-  arrays = {"all_test/moe_simple/detection/predictive_entropy": np.arange(12).reshape(2, 6),
-            "all_test:fog:5/baseline/sums": np.array([1.5, -2.0, np.inf]),
-            "empty": np.zeros((0, 3), np.int64)}
-  evaluate._write_arrays(tmp_path / "h.npz", arrays)
-  with np.load(tmp_path / "h.npz", allow_pickle=False) as back:
-    assert sorted(back.files) == sorted(arrays)
-    for name, value in arrays.items():
-      np.testing.assert_array_equal(back[name], value)
-      assert back[name].dtype == value.dtype

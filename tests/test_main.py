@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 import re
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -317,3 +319,62 @@ def test_colab_notebook_restores_the_run_and_draws_the_panel(smoke_run, tmp_path
   assert "moe_classwise at (32, 48)" in text and "gate_entropy" in text
   assert any("image/png" in o.get("data", {}) for o in outputs)  # the panel was drawn
 
+
+
+# ------------------------------------------------ interrupted evaluate and report
+
+def _evaluated_a_split(run) -> bool:
+  """The evaluate stage's progress bar has counted a split (tqdm: "evaluate: …| 1/5 …")."""
+  return re.search(r"evaluate:.*\| *[1-9]\d*/\d+ ", run.output) is not None
+
+
+def _new_figure(plots_dir: Path, since: float):
+  return lambda: plots_dir.is_dir() and any(p.stat().st_mtime > since
+                                            for p in plots_dir.glob("*.png"))
+
+
+def _leftovers(workdir: Path) -> list[str]:
+  """Temp files of interrupted writes and the run lock, anywhere outside the checkpoints."""
+  return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
+                if (p.name.endswith(".tmp") or p.name == "run.lock")
+                and "checkpoints" not in p.parts)
+
+
+@pytest.mark.slow
+def test_kill_9_ctrl_c_and_sigterm_in_evaluate_and_report_then_the_same_command(smoke_run):
+  """kill -9 once evaluate has scored a split, Ctrl-C as it starts, SIGTERM while the report
+  draws its figures: the same command then skips every trained stage and writes a
+  results.json identical to the uninterrupted run's, complete PNGs and a report whose
+  figures all exist; no temp file or lock is left."""
+  from PIL import Image
+  from cli_process import CliRun
+  workdir, _, env = smoke_run
+  reference = (workdir / "results.json").read_bytes()
+  command = ("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, f"--workdir={workdir}")
+
+  run = CliRun(command, env)
+  run.kill_when(lambda: _evaluated_a_split(run))
+  assert "experts: already finished" in run.output and "calibrate: already fitted" in run.output
+
+  run = CliRun(command, env)
+  assert run.signal_when(lambda: "evaluate:" in run.output, signal.SIGINT) == 130, run.output
+  assert f"interrupted: nothing half-written was left; the same command resumes ({workdir})" \
+      in run.output
+  assert _leftovers(workdir) == []
+
+  run = CliRun((*command, "--stages=report"), env)
+  assert run.signal_when(_new_figure(workdir / "plots", time.time()), signal.SIGTERM) == 130
+  assert "interrupted: nothing half-written was left" in run.output
+  assert _leftovers(workdir) == []
+
+  run = CliRun(command, env)
+  assert run.wait() == 0, run.output[-3000:]
+  for stage in TRAINED:
+    assert f"{stage}: already finished" in run.output
+  assert (workdir / "results.json").read_bytes() == reference
+  for png in (workdir / "plots").glob("*.png"):
+    with Image.open(png) as image:
+      image.load()  # decodes every byte: a truncated PNG raises
+  linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (workdir / "report.md").read_text())
+  assert linked and all((workdir / link).is_file() for link in linked)
+  assert _leftovers(workdir) == []

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from moe_jax import metrics, plots
+from moe_jax import metrics, output_files, plots
 
 EXPERTS = ["highway", "urban"]
 CLASSES = ["road", "car", "sky"]
@@ -211,7 +211,7 @@ def test_a_pickled_object_in_an_npz_is_refused_and_never_run(tmp_path):
   evil = np.empty(1, object)
   evil[0] = _Payload(marker)
   np.savez(workdir / "panels.npz", evil=evil)
-  with pytest.raises(ValueError, match="allow_pickle"):
+  with pytest.raises(output_files.OutputError, match="panels.npz is damaged .*allow_pickle"):
     plots.write_all(workdir)
   assert not marker.exists()
 

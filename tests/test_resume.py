@@ -5,52 +5,16 @@ Subprocesses of the command line, as a preempted user runs it. Apart from
 tests/test_main.py so that pytest-xdist runs the two long files on different workers.
 """
 
-import os
 from pathlib import Path
-import signal
-import subprocess
-import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 
+from cli_process import CliRun
+
 # The smoke preset trains the experts 4 steps and the gate 8, checkpointing every 2 and 4.
 ARGS = ("--config=configs/a2d2.py:smoke", "--config.model.gates=('simple',)",
         "--stages=experts,gate")
-
-
-class _Run:
-  """`python -m moe_jax.main` in its own process group, its output collected as it comes."""
-
-  def __init__(self, args: tuple[str, ...], env: dict):
-    self.process = subprocess.Popen(
-        [sys.executable, "-m", "moe_jax.main", *args], cwd=Path(__file__).parents[1],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
-    self.lines: list[str] = []
-    self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout))
-    self._reader.start()
-
-  @property
-  def output(self) -> str:
-    return "".join(self.lines)
-
-  def kill_when(self, condition, timeout: float = 300.0) -> None:
-    """SIGKILLs the process group as soon as `condition()` holds (polled every ms)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-      assert self.process.poll() is None, f"ended before the kill point:\n{self.output[-3000:]}"
-      assert time.monotonic() < deadline, f"kill point not reached:\n{self.output[-3000:]}"
-      time.sleep(0.001)
-    os.killpg(self.process.pid, signal.SIGKILL)
-    assert self.wait() == -signal.SIGKILL
-
-  def wait(self) -> int:
-    self.process.wait(timeout=600)
-    self._reader.join()
-    return self.process.returncode
 
 
 def _writing(stage_dir: Path, step: int):
@@ -77,23 +41,23 @@ def test_kill_9_at_four_points_then_the_same_command_resumes_and_matches(tmp_pat
   the final weights equal an uninterrupted run's bit for bit."""
   env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}  # compiled once
   reference, workdir = tmp_path / "reference", tmp_path / "preempted"
-  run = _Run((f"--workdir={reference}", *ARGS), env)
+  run = CliRun((f"--workdir={reference}", *ARGS), env)
   assert run.wait() == 0, run.output[-3000:]
   args = (f"--workdir={workdir}", *ARGS)
   checkpoints = workdir / "checkpoints"
-  _Run(args, env).kill_when(lambda: (workdir / "data" / "tfds").is_dir())
-  _Run(args, env).kill_when(_writing(checkpoints / "experts", 4))
+  CliRun(args, env).kill_when(lambda: (workdir / "data" / "tfds").is_dir())
+  CliRun(args, env).kill_when(_writing(checkpoints / "experts", 4))
   assert (checkpoints / "experts" / "2").is_dir() and not (checkpoints / "experts" / "4").exists()
-  run = _Run(args, env)
+  run = CliRun(args, env)
   run.kill_when(lambda: (checkpoints / "gate_simple" / "4").is_dir())
   assert "experts: resuming from the checkpoint at step 2 of 4" in run.output
   assert "4.orbax-checkpoint-tmp" in run.output and "a checkpoint whose write never " \
       "finished (the run stopped while saving it); the steps before it are used" in run.output
-  run = _Run(args, env)
+  run = CliRun(args, env)
   run.kill_when(_writing(checkpoints / "gate_simple", 8))
   assert "experts: already finished" in run.output
   assert "gate_simple: resuming from the checkpoint at step 4 of 8" in run.output
-  run = _Run(args, env)
+  run = CliRun(args, env)
   assert run.wait() == 0, run.output[-3000:]
   assert "gate_simple: resuming from the checkpoint at step 4 of 8" in run.output
   assert "8.orbax-checkpoint-tmp" in run.output

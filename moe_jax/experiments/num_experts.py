@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from moe_jax import checkpoint
+from moe_jax import output_files
 from moe_jax.experiments import sweep_report
 
 RUN_MARKER = "sweep_run.json"
@@ -155,7 +155,7 @@ def main(argv: list[str]) -> None:
             flush=True)
       _run(_main_command(args, shared, seed, overrides, stages=BASELINE),
            f"the baseline of seed {seed}", workdir / COMPILATION_CACHE)
-      checkpoint.write_json(shared / RUN_MARKER, {"run": {"seed": seed}})
+      output_files.write_json(shared / RUN_MARKER, {"run": {"seed": seed}})
   for index, (seed, num_experts) in enumerate(runs, 1):
     target = run_dir(workdir, num_experts, seed)
     label = f"[sweep] {index}/{len(runs)}: N={num_experts} experts, seed {seed}"
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
     run_start = time.perf_counter()
     _run(_main_command(args, target, seed, overrides, num_experts=num_experts),
          f"the run with N={num_experts}, seed {seed}", workdir / COMPILATION_CACHE)
-    checkpoint.write_json(target / RUN_MARKER, {
+    output_files.write_json(target / RUN_MARKER, {
         "run": {"experts": num_experts, "seed": seed},
         "seconds": round(time.perf_counter() - run_start, 1)})
   sweep = sweep_report.collect({(n, seed): run_dir(workdir, n, seed) for seed, n in runs})

@@ -13,13 +13,12 @@ all on the in-distribution test split (eval.ood_splits[0]) unless named OOD:
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from moe_jax import checkpoint, evaluate
+from moe_jax import checkpoint, evaluate, output_files
 from moe_jax.measures import MEASURES
 from moe_jax.report import _area, _pct, _routers, _table
 
@@ -270,10 +269,9 @@ def _plot(sweep: dict) -> bytes:
   fig.suptitle(f"{moe} and references against the number of experts (solid: MoE, dashed: "
                f"ensemble of the same experts, dotted: MC dropout; bars: std over "
                f"{len(sweep['seeds'])} seed(s))")
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=100)
+  png = output_files.figure_png(fig, dpi=100)
   plt.close(fig)
-  return buffer.getvalue()
+  return png
 
 
 def write(workdir: Path, sweep: dict) -> list[Path]:
@@ -290,6 +288,6 @@ def write(workdir: Path, sweep: dict) -> list[Path]:
            "at the two ends together.", "",
            "## Table", "", *table_lines(sweep), "",
            f"![metrics against N]({FIGURE_FILE})", ""]
-  return [checkpoint.write_json(workdir / SWEEP_FILE, sweep),
-          checkpoint.write_atomic(workdir / FIGURE_FILE, _plot(sweep)),
-          checkpoint.write_atomic(workdir / REPORT_FILE, "\n".join(lines).encode())]
+  return [output_files.write_json(workdir / SWEEP_FILE, sweep),
+          output_files.write_atomic(workdir / FIGURE_FILE, _plot(sweep)),
+          output_files.write_atomic(workdir / REPORT_FILE, "\n".join(lines).encode())]
