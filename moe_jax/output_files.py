@@ -124,9 +124,7 @@ class _CheckedArrays(Mapping):
 
   def __getitem__(self, key: str) -> np.ndarray:
     try:
-      return self._data[key]
-    except KeyError:
-      raise
+      return self._data[key]  # a missing name stays a KeyError (not in _NPZ_ERRORS)
     except _NPZ_ERRORS as e:
       raise _damaged(self._path, e, self._rewritten_by) from e
 
