@@ -18,7 +18,8 @@ or --config.train.experts.epochs=2. Paths may contain "{workdir}", replaced by -
 
 import ml_collections
 
-from moe_jax.config_checks import ROBUST_DEFAULTS, ROUTING_DEFAULTS  # plain values, no JAX
+from moe_jax.config_checks import (MESH_DEFAULTS, ROBUST_DEFAULTS,  # plain values, no JAX
+                                   ROUTING_DEFAULTS)
 
 # The "bayes" preset's routers: all eight of moe_jax.models.bayesian_routers.
 BAYES_PRESET_ROUTERS = ("deterministic", "temp_sampling", "mcdr", "swagr", "der", "mfvr", "fcvr",
@@ -90,6 +91,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The reference's training: SGD lr 0.01, momentum 0.99, weight decay 1e-4, constant LR
   # (its "cos" schedule is never read), 50 epochs, batch 1 (experts) and 8 (gate).
   sgd = dict(optimizer="sgd", learning_rate=0.01, momentum=0.99, weight_decay=1e-4)
+  # The device mesh (moe_jax/sharding.py): "data" splits every batch over devices, "expert"
+  # splits the stacked experts (needs expert_execution "vmap"); -1 = every device left.
+  config.mesh = ml_collections.ConfigDict(dict(MESH_DEFAULTS))
+
   config.train = ml_collections.ConfigDict()
   config.train.experts = stage(batch_size=1, epochs=50, eval_every_epochs=2, **sgd)
   config.train.baseline = stage(batch_size=1, epochs=50, eval_every_epochs=2, **sgd)

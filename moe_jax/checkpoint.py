@@ -251,7 +251,8 @@ class StageCheckpoints:
 
     Returns:
       (state, meta): `state` has `abstract_state`'s structure with every array a jax.Array
-      on `jax.devices()[0]` (whatever device wrote it); `meta` is the step's meta dict.
+      placed as `restore_target` says (whatever devices wrote it); `meta` is the step's
+      meta dict.
 
     Raises:
       CheckpointError: no checkpoint, no such step, or a structure/shape mismatch.
@@ -415,18 +416,23 @@ def restore_model(workdir: str | os.PathLike, stage: str, make: Callable[[], Any
 # -------------------------------------------------------------------- restore helpers
 
 def restore_target(abstract_state: PyTree) -> PyTree:
-  """Turns an abstract/concrete state into Orbax restore targets on `jax.devices()[0]`.
+  """Turns an abstract/concrete state into Orbax restore targets.
 
   Array-like leaves (jax.ShapeDtypeStruct, jax.Array, np.ndarray) become
-  `jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(jax.devices()[0]))`;
-  other leaves (Python scalars) stay as they are. The sharding stored in the checkpoint is
-  never used, so a checkpoint written on a GPU restores on a CPU-only machine and back.
+  `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`: a leaf already placed on a device
+  mesh (a NamedSharding, see `moe_jax.sharding`) keeps its sharding, so a run restores
+  straight onto its mesh; any other leaf goes to this process's first device. Other leaves
+  (Python scalars) stay as they are. The sharding stored in the checkpoint is never used,
+  so a checkpoint written under one mesh (or on a GPU) restores under another (or on a
+  CPU-only machine) and back.
   """
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def leaf(x):
     if isinstance(x, (jax.ShapeDtypeStruct, jax.Array, np.ndarray)):
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+      sharding = getattr(x, "sharding", None)
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if isinstance(
+          sharding, jax.sharding.NamedSharding) else device)
     return x
 
   return jax.tree.map(leaf, abstract_state)

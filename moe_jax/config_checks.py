@@ -15,7 +15,7 @@ import ml_collections
 # Keys that may change between runs in one workdir: they do not change what was trained.
 MUTABLE_CONFIG_KEYS = ("eval.", "calibrate.", "train.log_every", "train.keep_checkpoints",
                        "train.nonfinite", "model.deep_ensemble_members",
-                       "train.deep_ensemble.")
+                       "train.deep_ensemble.", "mesh.")
 # Keys added after workdirs existed, with the value that means "as before": a workdir whose
 # config.json lacks one of them matches a config holding that value.
 # The Bayesian routers' settings (config model.routing; see
@@ -42,11 +42,15 @@ ROBUST_DEFAULTS = dict(
     detach=False,             # True: no gradient through the weights (true DRO/TERM)
     tau_r=1e-6,               # Robust Filtered: regret threshold
     tau_d=0.01)               # Robust Filtered: disagreement threshold
+# The device mesh's axis sizes (config mesh; see moe_jax/sharding.py): -1 = every device
+# the other axis leaves.
+MESH_DEFAULTS = dict(data=-1, expert=1)
 ADDED_CONFIG_KEYS = {"model.backbone_weights": "", "model.routers": ["deterministic"],
                      "model.bayesian_gates": [],
                      **{f"model.routing.{key}": value for key, value in ROUTING_DEFAULTS.items()},
                      "train.gate_objectives": ["erm"], "train.objective_gates": [],
                      "train.experts.init_from": "",
+                     **{f"mesh.{key}": value for key, value in MESH_DEFAULTS.items()},
                      **{f"train.robust.{key}": value for key, value in ROBUST_DEFAULTS.items()}}
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -117,6 +121,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of(config.train.nonfinite, NONFINITE, "train.nonfinite")
   one_of(config.train.experts.get("init_from", ""), EXPERTS_INIT_FROM, "train.experts.init_from")
   positive_int(config.train.keep_checkpoints, "train.keep_checkpoints")
+  mesh = config.get("mesh", {})
+  for axis in mesh:
+    if axis not in MESH_DEFAULTS:
+      raise ConfigError(f"config key mesh.{axis} is unknown; the mesh axes are "
+                        f"{', '.join(MESH_DEFAULTS)}.")
+    if isinstance(mesh[axis], bool) or not isinstance(mesh[axis], int):
+      raise ConfigError(f"config key mesh.{axis}={mesh[axis]!r} must be an integer.")
   positive_int(config.train.log_every, "train.log_every")
   for name, stage in stages.STAGES.items():
     if not stage.checkpoints(config):

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from moe_jax import checkpoint, evaluate, input_pipeline, methods, metrics, stages
+from moe_jax import checkpoint, evaluate, input_pipeline, methods, metrics, sharding, stages
 from moe_jax.config_checks import ConfigError
 from moe_jax.models import build, pretrained
 
@@ -74,10 +74,11 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, *,
   raise ConfigError(f"config key {key}.name={config.name!r}; use 'sgd' or 'adamw'.")
 
 
-@nnx.jit(static_argnums=(0, 4, 5), donate_argnums=(1, 2))
+@nnx.jit(static_argnums=(0, 4, 5, 6), donate_argnums=(1, 2))
 def train_step(loss_fns: tuple[Callable, ...], models: tuple[nnx.Module, ...],
                optimizers: tuple[nnx.Optimizer, ...], batch: dict[str, jax.Array],
-               skip_nonfinite: bool = False, shared: Callable | None = None
+               skip_nonfinite: bool = False, shared: Callable | None = None,
+               shardings: tuple[jax.sharding.Sharding, ...] | None = None
                ) -> tuple[jax.Array, jax.Array]:
   """One optimiser step of each model on its own loss, all in one compiled call.
 
@@ -93,6 +94,11 @@ def train_step(loss_fns: tuple[Callable, ...], models: tuple[nnx.Module, ...],
     its gradients are finite. With `skip_nonfinite`, a model whose step is not finite
     keeps its state from before it (BatchNorm statistics and dropout RNG included), as
     does its optimiser; the other models step.
+
+  `shardings`: those of the leaves of nnx.state((models, optimizers)) on the mesh, which
+  the updated state keeps (`sharding.state_shardings`); without them XLA may choose other
+  shardings for some outputs (a router's last layer split like the experts it weighs), and
+  every step would move them back.
   """
   if shared is not None:
     batch = shared(models, batch)
@@ -115,6 +121,9 @@ def train_step(loss_fns: tuple[Callable, ...], models: tuple[nnx.Module, ...],
     for i, pair in enumerate(zip(models, optimizers)):
       after = nnx.state(pair)
       nnx.update(pair, jax.lax.cond(finite[i], lambda: after, lambda: before[i]))
+  if shardings is not None:
+    nnx.update((models, optimizers), sharding.constrain(nnx.state((models, optimizers)),
+                                                        shardings))
   return each, finite
 
 
@@ -141,7 +150,8 @@ def fit(trainees: Sequence[Trainee], *, batches: Callable[[int], Iterator[dict]]
         keep: int, log_every: int, images_per_step: int, train_mode: bool = True,
         section: str | None = None, nonfinite: str = "stop",
         after_step: Callable[[nnx.Module, int, int], None] | None = None,
-        shared: Callable | None = None) -> dict[str, dict]:
+        shared: Callable | None = None, mesh: jax.sharding.Mesh | None = None
+        ) -> dict[str, dict]:
   """Trains the trainees together for `total_steps` on one stream of batches (one
   compiled step for all of them), validating and checkpointing each every `eval_every`.
 
@@ -169,6 +179,8 @@ def fit(trainees: Sequence[Trainee], *, batches: Callable[[int], Iterator[dict]]
     after_step: (model, step, total_steps) -> None after each step, per trainee (e.g.
       SWAG's collection).
     shared: what every trainee's loss reads, computed once per step (`train_step`).
+    mesh: the device mesh the models, optimisers and batches live on (`moe_jax.sharding`;
+      `batches` yields arrays placed on it); None: this process's first device.
 
   Returns:
     {name: the meta dict of its best checkpoint ({"step", "val_miou", "finished"})}.
@@ -201,12 +213,13 @@ def fit(trainees: Sequence[Trainee], *, batches: Callable[[int], Iterator[dict]]
         for name in names]
     for model in models:
       _set_mode(model, train_mode)
-    # Every array committed to its device, as the step's outputs are: a restored array is
-    # committed and a fresh one is not, and that mix would compile the step a second time
-    # at step 2 (the gate stage's restored experts around fresh routers: ~11 s a gate).
-    state = nnx.state((models, optimizers))
-    nnx.update((models, optimizers), jax.tree.map(lambda x: jax.device_put(x, x.sharding),
-                                                  state))
+    # Every array on the mesh, as the step's outputs are: a restored array is committed
+    # and a fresh one is not, and that mix would compile the step a second time at step 2
+    # (the gate stage's restored experts around fresh routers: ~11 s a gate).
+    mesh = mesh or sharding.one_device_mesh()
+    nnx.update((models, optimizers), sharding.place_state(nnx.state((models, optimizers)),
+                                                          mesh))
+    shardings = sharding.state_shardings(nnx.state((models, optimizers)))
     stream = batches(start)
     began = time.perf_counter()
     desc = names[0] if len(names) == 1 else f"{len(names)} checkpoints ({', '.join(names)})"
@@ -218,7 +231,7 @@ def fit(trainees: Sequence[Trainee], *, batches: Callable[[int], Iterator[dict]]
       for step in range(start + 1, total_steps + 1):
         batch = {**next(stream), "step": np.int32(step), "total_steps": np.int32(total_steps)}
         pending.append((step, *train_step(loss_fns, models, optimizers, batch,
-                                          nonfinite == "skip", shared)))
+                                          nonfinite == "skip", shared, shardings)))
         if after_step is not None:
           for model in models:
             after_step(model, step, total_steps)
@@ -418,6 +431,10 @@ def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Sta
   """
   section, data = config.train[name], config.data
   train_splits = stage.train_splits(config)
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch(section.batch_size, mesh, f"train.{name}.batch_size")
+  if stage.stacked:
+    sharding.check_members(len(train_splits), mesh, f"the {name} stage")
   sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
   total, eval_every = _schedule(section, name, sizes)
   seeds = [config.seed + build.SEED_OFFSETS[name] + k for k in range(len(train_splits))]
@@ -425,7 +442,8 @@ def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Sta
   def batches(first: int) -> Iterator[dict]:
     stream = input_pipeline.train_batches(data, train_splits, batch_size=section.batch_size,
                                           seeds=seeds, start_step=first)
-    return stream if stage.stacked else _first_member(stream)
+    return (sharding.put_batch(mesh, batch, stage.stacked)
+            for batch in (stream if stage.stacked else _first_member(stream)))
 
   models = (stage.training_models(config, Path(workdir), names)
             if stage.training_models is not None
@@ -444,6 +462,7 @@ def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Sta
     if weights:
       pretrained.load_backbone((model.members if stage.stacked else model).backbone, weights)
       print(f"{checkpoint_name}: backbone from {weights}")
+    sharding.place_model(model, mesh)  # before the optimiser: its state follows the model
     hold = (stage.hold_learning_rate(config, checkpoint_name)
             if stage.hold_learning_rate else None)
     optimizer = nnx.Optimizer(
@@ -451,9 +470,10 @@ def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Sta
                               hold_from=hold), wrt=stage.trains)
     trainees.append(Trainee(checkpoint_name, model, optimizer,
                             stage.loss(config, checkpoint_name)))
-  return fit(trainees, batches=batches, total_steps=total, eval_every=eval_every,
-             validate=stage.validation(config, names), workdir=workdir,
-             keep=config.train.keep_checkpoints, log_every=config.train.log_every,
-             images_per_step=section.batch_size * len(train_splits),
-             train_mode=stage.train_mode, section=name, nonfinite=config.train.nonfinite,
-             after_step=stage.after_step, shared=stage.shared)
+  with jax.set_mesh(mesh):  # the stacked experts map their own members per device
+    return fit(trainees, batches=batches, total_steps=total, eval_every=eval_every,
+               validate=stage.validation(config, names), workdir=workdir,
+               keep=config.train.keep_checkpoints, log_every=config.train.log_every,
+               images_per_step=section.batch_size * len(train_splits),
+               train_mode=stage.train_mode, section=name, nonfinite=config.train.nonfinite,
+               after_step=stage.after_step, shared=stage.shared, mesh=mesh)

@@ -1,16 +1,11 @@
 """Every compiled function runs in a process with several devices (preparation for the
 mesh): XLA_FLAGS=--xla_force_host_platform_device_count=4 in a subprocess."""
 
-import os
-from pathlib import Path
-import subprocess
-import sys
-
 import pytest
 
+import four_devices
+
 SCRIPT = r'''
-import importlib.util
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -18,11 +13,6 @@ from flax import nnx
 from moe_jax import evaluate, losses, methods, predict, stages, train
 from moe_jax.models import build
 
-assert jax.device_count() == 4, jax.devices()
-spec = importlib.util.spec_from_file_location("a2d2_config", "configs/a2d2.py")
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-config = module.get_config("smoke")
 config.model.gates = ("simple", "pixel")  # classwise: the same vmapped simple gate
 h, w = config.data.image_size
 rng = np.random.default_rng(0)
@@ -68,10 +58,6 @@ print("ran on", jax.device_count(), "devices")
 
 @pytest.mark.slow
 def test_every_compiled_function_runs_with_four_devices():
-  repo = Path(__file__).resolve().parents[1]
-  env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
-                                              "--xla_force_host_platform_device_count=4"])}
-  result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=600)
+  result = four_devices.run(SCRIPT, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ran on 4 devices" in result.stdout

@@ -52,6 +52,10 @@ class StackedExperts(nnx.Module):
 
   def __call__(self, images: jax.Array, *, per_expert: bool = False):
     if self.execution == "vmap":
+      mesh = jax.sharding.get_abstract_mesh()
+      if mesh.shape.get("expert", 1) > 1:
+        return self._per_device(images, per_expert)
+
       @nnx.vmap(in_axes=(0, 0 if per_expert else None), out_axes=0)
       def run(member, x):
         return member(x)
@@ -65,6 +69,30 @@ class StackedExperts(nnx.Module):
     # Write back what the members changed (BatchNorm statistics, dropout key counters).
     nnx.update(self.members, jax.tree.map(lambda *a: jnp.stack(a), *states))
     return jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+
+
+  def _per_device(self, images: jax.Array, per_expert: bool):
+    """The "vmap" execution when the mesh's "expert" axis splits the members
+    (moe_jax.sharding): each device maps its own members (jax.shard_map, manual over
+    "expert" only; the batch stays split on "data"). XLA's partitioner would otherwise
+    split the vmapped convolutions' groups itself, and with one member per device it
+    emits an invalid convolution (XLA CPU, jax 0.10)."""
+    graphdef, state = nnx.split(self.members)
+    spec = jax.sharding.PartitionSpec("expert")
+
+    def run(state, x):
+      @nnx.vmap(in_axes=(0, 0 if per_expert else None), out_axes=0)
+      def each(member, x):
+        return member(x)
+      members = nnx.merge(graphdef, state)
+      out = each(members, x)
+      return out, nnx.state(members)
+
+    out, state = jax.shard_map(
+        run, in_specs=(spec, spec if per_expert else jax.sharding.PartitionSpec()),
+        out_specs=spec, axis_names={"expert"}, check_vma=False)(state, images)
+    nnx.update(self.members, state)  # BatchNorm statistics, dropout key counters
+    return out
 
 
 def make_expert(model_config, num_classes: int) -> Callable[[nnx.Rngs], DeepLabV3Plus]:
