@@ -118,6 +118,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 4
+  # Images one device evaluates at once: every batch is split over all devices and each
+  # runs its share this many at a time, so results.json is the same for every mesh whose
+  # devices x micro_batch divides eval.batch_size (docs/scaling.md). Raise it on GPUs.
+  config.eval.micro_batch = 1
   config.eval.moe_members = "weighted"      # MoE sample set: weighted | uniform | stacked
   # The MoE's expert variance at argmax p̄ of its sample set ("sample") or at its fused
   # prediction ("fused", the reference code's choice).

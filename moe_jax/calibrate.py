@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_jax import (input_pipeline, methods, output_files, stages,
+from moe_jax import (input_pipeline, methods, output_files, sharding, stages,
                      temperature)
 from moe_jax.models import build
 
@@ -56,20 +56,31 @@ def grid_stride(num_images: int, image_size: tuple[int, int], max_pixels: int) -
   return stride
 
 
-@nnx.jit(static_argnums=(0, 4, 5, 6))
+@nnx.jit(static_argnums=(0, 4, 5, 6, 8, 9))
 def _grid_values(outputs, models, batch, key, methods_: tuple[str, ...], stride: int,
-                 disagreement_of: tuple[tuple[str, ...], str] | None, extras
+                 disagreement_of: tuple[tuple[str, ...], str] | None, extras,
+                 mesh: jax.sharding.Mesh, micro_batch: int
                  ) -> tuple[dict[str, jax.Array], jax.Array]:
   """On the batch's pixel grid: {method: log p [N, C]} of each of `methods_` (and
   DISAGREEMENT [N], `methods.disagreement` of (expert methods, MoE method)), and the
-  labels [N]; `outputs` is `evaluate.combined_outputs`'."""
-  out = outputs(models, batch["image"].astype(jnp.float32) / 255.0, key, extras)
+  labels [N]; `outputs` is `evaluate.combined_outputs`'. Run over `mesh` in micro-batches
+  as evaluation runs (`sharding.map_chunks`): the same values for every mesh."""
+  graphdef, state = nnx.split(models)
   tiny = jnp.finfo(jnp.float32).tiny
   grid = lambda x: x[:, ::stride, ::stride].reshape(-1, *x.shape[3:])
-  values = {m: grid(jnp.log(jnp.maximum(out[m]["probs"], tiny))) for m in methods_}
-  if disagreement_of is not None:
-    values[DISAGREEMENT] = grid(methods.disagreement(out, *disagreement_of))
-  return values, grid(batch["label"].astype(jnp.int32))
+
+  def chunk_values(state, chunk, key):
+    out = outputs(nnx.merge(graphdef, state), chunk["image"].astype(jnp.float32) / 255.0,
+                  key, extras)
+    values = {m: grid(jnp.log(jnp.maximum(out[m]["probs"], tiny))) for m in methods_}
+    if disagreement_of is not None:
+      values[DISAGREEMENT] = grid(methods.disagreement(out, *disagreement_of))
+    return (), (values, grid(chunk["label"].astype(jnp.int32)))
+
+  _, stacked = sharding.map_chunks(chunk_values, mesh, micro_batch, state,
+                                   {"image": batch["image"], "label": batch["label"]}, key)
+  return sharding.replicate(jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), stacked),
+                            mesh)
 
 
 def _gather(config, outputs, models, extras, methods_: tuple[str, ...], stride: int,
@@ -77,15 +88,18 @@ def _gather(config, outputs, models, extras, methods_: tuple[str, ...], stride: 
             ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
   """`_grid_values` over the whole val split (part by part, as evaluation reads a union
   split), concatenated on the host: (values, labels [N], the part of each pixel [N], an
-  index into `input_pipeline.split_parts` of the val split)."""
+  index into `input_pipeline.split_parts` of the val split). Runs on the mesh the models
+  were placed on (`evaluate.restored_runs`)."""
   parts, labels, part_of = {}, [], []
   base = build.key(config.seed)
+  mesh = sharding.mesh_of(models) or sharding.one_device_mesh()
   for p, part in enumerate(input_pipeline.split_parts(config.data, config.data.val_split)):
     for i, batch in enumerate(input_pipeline.eval_batches(
         config.data, part, batch_size=config.eval.batch_size)):
-      values, lab = jax.device_get(_grid_values(outputs, models, batch,
-                                                jax.random.fold_in(base, i), methods_, stride,
-                                                disagreement_of, extras))
+      values, lab = jax.device_get(_grid_values(
+          outputs, models, sharding.put_batch(mesh, batch, sharding.EVAL),
+          jax.random.fold_in(base, i), methods_, stride, disagreement_of, extras, mesh,
+          config.eval.micro_batch))
       for k, v in values.items():
         parts.setdefault(k, []).append(v)
       labels.append(lab)

@@ -49,7 +49,7 @@ ADDED_CONFIG_KEYS = {"model.backbone_weights": "", "model.routers": ["determinis
                      "model.bayesian_gates": [],
                      **{f"model.routing.{key}": value for key, value in ROUTING_DEFAULTS.items()},
                      "train.gate_objectives": ["erm"], "train.objective_gates": [],
-                     "train.experts.init_from": "",
+                     "train.experts.init_from": "", "eval.micro_batch": 1,
                      **{f"mesh.{key}": value for key, value in MESH_DEFAULTS.items()},
                      **{f"train.robust.{key}": value for key, value in ROBUST_DEFAULTS.items()}}
 
@@ -138,6 +138,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     one_of(section.optimizer.name, OPTIMIZERS, f"train.{name}.optimizer.name")
     one_of(section.optimizer.schedule, SCHEDULES, f"train.{name}.optimizer.schedule")
   positive_int(config.eval.batch_size, "eval.batch_size")
+  positive_int(config.eval.micro_batch, "eval.micro_batch")
   passes = tuple(config.eval.mc_dropout_passes)
   for t in passes:
     positive_int(t, "eval.mc_dropout_passes")

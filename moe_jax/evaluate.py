@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data_pipelines import corruptions
 from moe_jax import (calibrate, checkpoint, input_pipeline, measures, methods, metrics,
-                     output_files, quantile_thresholds, stability, stages)
+                     output_files, quantile_thresholds, sharding, stability, stages)
 from moe_jax.config_checks import ConfigError
 from moe_jax.models import build, routers
 
@@ -156,12 +156,19 @@ def _gate_statistics(routing: routers.Routing, valid: jax.Array) -> dict[str, ja
           "gate_sum": jnp.sum(jnp.where(unit_valid[:, None], weights, 0.0), axis=0)}
 
 
-@nnx.jit(static_argnums=(0, 4, 5, 6, 7))
+@nnx.jit(static_argnums=(0, 4, 5, 6, 7, 9, 10))
 def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.Array],
                      key: jax.Array, num_classes: int, uncertainty: bool, panel_images: int = 0,
-                     patch_size: int = 0, calibration: methods.Calibration | None = None
+                     patch_size: int = 0, calibration: methods.Calibration | None = None,
+                     mesh: jax.sharding.Mesh | None = None, micro_batch: int = 1
                      ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, dict[str, jax.Array]]]:
   """({method: {statistic: array}}, panels) of one batch (see the module docstring).
+
+  The batch runs split over every device of `mesh` (None: one device), `micro_batch`
+  images at a time (`sharding.map_chunks`; chunk c's key is fold_in(key, c)), so the
+  statistics are the same for every mesh: integer statistics are summed over the batch,
+  float ones come per chunk, with a leading axis [B / micro_batch], for `_add` to sum in
+  float64 in chunk order.
 
   patch_size > 0 adds the patch-based histograms of patch_size² pixel patches.
   calibration: the output function's 4th argument (None: it is called with three), e.g.
@@ -172,39 +179,62 @@ def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.
   panels: {method: {map: [panel_images, H, W]}} for the prediction and the uncertainty
   maps of each MoE method (those with a routing), from the batch's first images.
   """
-  images = batch["image"].astype(jnp.float32) / 255.0
-  labels = batch["label"].astype(jnp.int32)
-  out = dict(outputs(model, images, key) if calibration is None
-             else outputs(model, images, key, calibration))
-  subset = out.pop(HARD_SUBSET, None)
-  stats = _statistics(out, labels, num_classes, uncertainty, patch_size, subset)
-  panels = {method: {name: output[name][:panel_images]
-                     for name in ("prediction", *measures.MEASURES) if name in output}
+  graphdef, state = nnx.split(model)
+
+  def chunk_statistics(state, chunk, key):
+    images = chunk["image"].astype(jnp.float32) / 255.0
+    labels = chunk["label"].astype(jnp.int32)
+    model = nnx.merge(graphdef, state)
+    out = dict(outputs(model, images, key) if calibration is None
+               else outputs(model, images, key, calibration))
+    subset = out.pop(HARD_SUBSET, None)
+    stats = _statistics(out, labels, num_classes, uncertainty, patch_size, subset)
+    flat = {(m, name): value for m, values in stats.items() for name, value in values.items()}
+    exact = {k: v for k, v in flat.items() if jnp.issubdtype(v.dtype, jnp.integer)}
+    ordered = {k: v for k, v in flat.items() if k not in exact}
+    maps = {method: {name: output[name] for name in ("prediction", *measures.MEASURES)
+                     if name in output}
             for method, output in out.items() if panel_images and "routing" in output}
-  return stats, panels
+    return exact, (ordered, maps)
+
+  mesh = mesh or sharding.one_device_mesh()
+  exact, (ordered, maps) = sharding.map_chunks(
+      chunk_statistics, mesh, micro_batch, state,
+      {"image": batch["image"], "label": batch["label"]}, key)
+  stats = {}
+  for (method, name), value in {**exact, **sharding.replicate(ordered, mesh)}.items():
+    stats.setdefault(method, {})[name] = value
+  panels = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:panel_images], maps)
+  return stats, sharding.replicate(panels, mesh)
 
 
 def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], num_classes: int,
                *, uncertainty: bool = False, seed: int = 0, panel_images: int = 0,
                patch_size: int = 0, panels: dict | None = None,
-               calibration: methods.Calibration | None = None
+               calibration: methods.Calibration | None = None, micro_batch: int = 1
                ) -> dict[str, dict[str, np.ndarray]]:
   """Sums `batch_statistics` over `batches` (model in eval mode).
+
+  The batches run on the mesh the model was placed on (`sharding.place_model`), or on one
+  device; the totals are the same for every mesh.
 
   Args:
     outputs: an output function of this model kind (static: keep the same object across
       calls, or each call compiles again).
     model: the module it takes.
-    batches: {"image": uint8 [B,H,W,3], "label": [B,H,W]} with a fixed B.
+    batches: this process's rows of each global batch, {"image": uint8 [b,H,W,3],
+      "label": [b,H,W]} with a fixed b (one process: the whole batch).
     num_classes: C.
     uncertainty: also accumulate the uncertainty, calibration and gate statistics.
-    seed: MC-dropout key of batch i is fold_in(key(seed), i).
+    seed: MC-dropout key of batch i is fold_in(key(seed), i) (of its micro-batch c:
+      fold_in(that, c)).
     panel_images: N, the number of images whose maps the compiled call returns (static;
       keep it the same across calls of one output function).
     patch_size: also accumulate the patch-based histograms (0 = off; static).
     panels: if given, filled with the first batch's images, labels and MoE maps:
       {"image": uint8 [N,H,W,3], "label": [N,H,W], "maps": {method: {map: [N,H,W]}}}.
     calibration: temperatures for the output function (see `batch_statistics`).
+    micro_batch: images one device runs at once (config eval.micro_batch).
 
   Returns:
     {method: {statistic: int64 or float64 array}}.
@@ -212,12 +242,14 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
   totals: dict[str, dict[str, np.ndarray]] = {}
   pending = None
   base = build.key(seed)
+  mesh = sharding.mesh_of(model) or sharding.one_device_mesh()
+  model = sharding.placed_copy(model, mesh)
   for i, batch in enumerate(batches):
     # Dispatch this batch before fetching the last result, so the host's transfer
     # overlaps the device's work.
-    result, maps = batch_statistics(outputs, model, batch, jax.random.fold_in(base, i),
-                                    num_classes, uncertainty, panel_images, patch_size,
-                                    calibration)
+    result, maps = batch_statistics(outputs, model, sharding.put_batch(mesh, batch, sharding.EVAL),
+                                    jax.random.fold_in(base, i), num_classes, uncertainty,
+                                    panel_images, patch_size, calibration, mesh, micro_batch)
     if i == 0 and panels is not None:
       panels.update(image=batch["image"][:panel_images], label=batch["label"][:panel_images],
                     maps=jax.device_get(maps))
@@ -229,12 +261,20 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
   return totals
 
 
+def host_sums(result: dict) -> dict[str, dict[str, np.ndarray]]:
+  """One batch's `batch_statistics` on the host: integers widened to int64, floats summed
+  over their leading chunk axis in order, in float64."""
+  return {method: {name: value.astype(np.int64) if np.issubdtype(value.dtype, np.integer)
+                   else value.astype(np.float64).sum(axis=0)
+                   for name, value in stats.items()}
+          for method, stats in jax.device_get(result).items()}
+
+
 def _add(totals: dict, result: dict) -> None:
-  for method, stats in jax.device_get(result).items():
+  for method, stats in host_sums(result).items():
     into = totals.setdefault(method, {})
     for name, value in stats.items():
-      wide = value.astype(np.int64 if np.issubdtype(value.dtype, np.integer) else np.float64)
-      into[name] = into.get(name, 0) + wide
+      into[name] = into.get(name, 0) + value
 
 
 def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -488,8 +528,14 @@ def restored_runs(config: ml_collections.ConfigDict, workdir: str | Path
     {output key: method name})], one per stage of `stages.STAGES` that has an
     `evaluation` and checkpoints in this config (e.g. every router's MoE at once, the
     baseline with MC dropout for every T); metas = {checkpoint name: its best step's
-    meta}.
+    meta}. The models are replicated on the config's mesh (`sharding.make_mesh`), where
+    `accumulate` then runs.
+
+  Raises:
+    ConfigError: eval.batch_size does not split over the mesh (`sharding.check_eval_batch`).
   """
+  mesh = sharding.make_mesh(config)
+  sharding.check_eval_batch(config.eval.batch_size, config.eval.micro_batch, mesh)
   runs, metas = [], {}
   for stage in stages.STAGES.values():
     names = stage.checkpoints(config)
@@ -501,6 +547,7 @@ def restored_runs(config: ml_collections.ConfigDict, workdir: str | Path
       model, metas[name] = checkpoint.restore_model(
           workdir, name, functools.partial(stage.model, config, name))
       model.eval()
+      nnx.update(model, sharding.place_state(nnx.state(model), mesh))
       restored.append(model)
     runs.append((names, tuple(restored), outputs, rename))
   return runs, metas
@@ -630,7 +677,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                       uncertainty=True, seed=config.seed,
                                       panel_images=panel_images,
                                       patch_size=config.eval.patch_size, panels=panel,
-                                      calibration=extras).items():
+                                      calibration=extras,
+                                      micro_batch=config.eval.micro_batch).items():
         part_totals[(read, method)] = stats
       if panel:  # the maps of each MoE (not of its variants)
         panels[read] = {"image": panel["image"], "label": panel["label"],

@@ -21,9 +21,10 @@ outputs (docs/scaling.md says what runs today).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -92,22 +93,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, stacked: bool) -> NamedSharding:
-  """Images [B, ...] split on "data"; stacked batches [K, B, ...] (member k's own batch)
-  also split on "expert" over K."""
-  return NamedSharding(mesh, P("expert", "data") if stacked else P("data"))
+# Where a batch's leading axes live: training images [B, ...] split on "data"; stacked
+# training batches [K, B, ...] (member k's own batch) also on "expert" over K; evaluation
+# batches [B, ...] split over every device (evaluation replicates the models).
+TRAIN, STACKED, EVAL = P("data"), P("expert", "data"), P(AXES)
 
 
-def put_batch(mesh: Mesh, batch: Mapping[str, np.ndarray], stacked: bool = False
+def put_batch(mesh: Mesh, batch: Mapping[str, np.ndarray], spec: P = TRAIN
               ) -> dict[str, jax.Array]:
-  """This process's rows of a global batch -> global arrays sharded as `batch_sharding`.
+  """This process's rows of a global batch -> global arrays sharded as `spec` (TRAIN,
+  STACKED or EVAL).
 
   Args:
-    batch: {name: [b, ...]} (stacked: [K, b, ...]), b = the global batch / processes: this
-      process's rows (one process: the whole batch).
+    batch: {name: [b, ...]} ([K, b, ...] for STACKED), b = the global batch / processes:
+      this process's rows (one process: the whole batch).
   """
-  sharding = batch_sharding(mesh, stacked)
-  axis = 1 if stacked else 0
+  sharding = NamedSharding(mesh, spec)
+  axis = 1 if spec == STACKED else 0
   out = {}
   for name, local in batch.items():
     local = np.asarray(local)
@@ -115,6 +117,86 @@ def put_batch(mesh: Mesh, batch: Mapping[str, np.ndarray], stacked: bool = False
     shape[axis] *= jax.process_count()
     out[name] = jax.make_array_from_process_local_data(sharding, local, tuple(shape))
   return out
+
+
+def check_eval_batch(batch_size: int, micro_batch: int, mesh: Mesh) -> None:
+  """ConfigError unless eval.batch_size splits over every device of `mesh` in whole
+  micro-batches of eval.micro_batch images (`map_chunks`)."""
+  if batch_size % (mesh.size * micro_batch):
+    raise ConfigError(
+        f"config key eval.batch_size={batch_size} does not split over {mesh.size} devices in "
+        f"micro-batches of eval.micro_batch={micro_batch}; use a multiple of "
+        f"{mesh.size * micro_batch} (devices x micro-batch).")
+
+
+def map_chunks(fn: Callable, mesh: Mesh, micro_batch: int, shared: Any,
+               batch: Mapping[str, jax.Array], key: jax.Array) -> tuple[Any, Any]:
+  """Inside a jit: `fn` over the micro-batches of a global batch split over every device.
+
+  Each device runs its rows of `batch` (EVAL) `micro_batch` images at a time (lax.scan),
+  so every image goes through the same compiled shapes whatever the mesh: XLA's numbers
+  for an image depend on how many images it computes at once (CPU: batch 2 differs from
+  batch 8 by ~1e-6), and a results.json identical for every mesh needs them fixed.
+
+  Args:
+    fn: (shared, chunk {name: [micro_batch, ...]}, key) -> (summed, stacked): `summed`
+      is added over chunks and devices (exact only for integers), `stacked` is kept per
+      chunk (a float sum's order would depend on the mesh; the caller sums them in chunk
+      order).
+    shared: a pytree every chunk reads (e.g. the models' state), replicated.
+    batch: {name: [B, ...]}, sharded EVAL; B = devices x micro_batch x chunks per device.
+    key: chunk c of the global batch gets fold_in(key, c).
+
+  Returns:
+    (summed, replicated on every device; stacked, with a leading axis [B / micro_batch] in
+    global chunk order, sharded EVAL: `replicate` what the host fetches).
+  """
+  def per_device(shared, batch, key):
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    chunks = rows // micro_batch
+    batch = jax.tree.map(lambda x: x.reshape(chunks, micro_batch, *x.shape[1:]), batch)
+    first = jax.lax.axis_index(AXES) * chunks
+
+    # A while loop whose trip count XLA cannot see: a loop it knows runs once is inlined
+    # and fused with what surrounds it, and gives other float roundings than the same
+    # body looped (the one-device run's several chunks against a mesh's one per device).
+    count = jax.lax.optimization_barrier(jnp.int32(chunks))
+    shapes = jax.eval_shape(fn, shared, jax.tree.map(lambda x: x[0], batch), key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    zeros = (zeros[0], jax.tree.map(lambda x: jnp.zeros((chunks, *x.shape), x.dtype),
+                                    zeros[1]))
+
+    def step(index, carry):
+      # `shared` rides in the carry, unchanged: flax's transforms inside `fn` refuse
+      # modules built from arrays of an outer trace.
+      (total, stacked), shared = carry
+      chunk = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False),
+                           batch)
+      summed, one = fn(shared, chunk, jax.random.fold_in(key, first + index))
+      stacked = jax.tree.map(lambda all_, x: jax.lax.dynamic_update_index_in_dim(
+          all_, x, index, 0), stacked, one)
+      return (jax.tree.map(jnp.add, total, summed), stacked), shared
+
+    (total, stacked), _ = jax.lax.fori_loop(0, count, step, (zeros, shared))
+    return jax.lax.psum(total, AXES), stacked
+
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), EVAL, P()),
+                       out_specs=(P(), EVAL), check_vma=False)(shared, batch, key)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Inside a jit: `tree` replicated on every device of `mesh`, so that any process can
+  fetch it."""
+  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh the arrays of `tree` were placed on (`place_model`, `place_state`), or None
+  when its first array is not on a mesh (e.g. a model on one device)."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  if leaves and isinstance(leaves[0].sharding, NamedSharding):
+    return leaves[0].sharding.mesh
+  return None
 
 
 def _stacked_paths(model: nnx.Module) -> list[tuple]:
@@ -140,6 +222,16 @@ def model_shardings(model: nnx.Module, mesh: Mesh) -> Any:
 def place_model(model: nnx.Module, mesh: Mesh) -> None:
   """Moves `model`'s state onto the mesh (see `model_shardings`), in place."""
   nnx.update(model, jax.device_put(nnx.state(model), model_shardings(model, mesh)))
+
+
+def placed_copy(model: Any, mesh: Mesh) -> Any:
+  """`model` (a module or a tuple of them) itself when all its arrays are on `mesh`, else
+  a copy with its arrays placed there (`place_state`); the caller's model stays where it
+  is."""
+  graphdef, state = nnx.split(model)
+  placed = place_state(state, mesh)
+  same = all(a is b for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(placed)))
+  return model if same else nnx.merge(graphdef, placed)
 
 
 def place_state(tree: Any, mesh: Mesh) -> Any:

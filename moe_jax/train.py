@@ -442,7 +442,8 @@ def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Sta
   def batches(first: int) -> Iterator[dict]:
     stream = input_pipeline.train_batches(data, train_splits, batch_size=section.batch_size,
                                           seeds=seeds, start_step=first)
-    return (sharding.put_batch(mesh, batch, stage.stacked)
+    spec = sharding.STACKED if stage.stacked else sharding.TRAIN
+    return (sharding.put_batch(mesh, batch, spec)
             for batch in (stream if stage.stacked else _first_member(stream)))
 
   models = (stage.training_models(config, Path(workdir), names)

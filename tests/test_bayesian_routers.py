@@ -578,9 +578,12 @@ def test_evaluation_of_sampled_routers_compiles_once_and_decomposes_pe(experts,
               "label": rng.integers(0, 38, (2, H, W), np.uint8)} for _ in range(3)]
   compiled = evaluate.batch_statistics.jitted_fn._cache_size
   before = compiled()
-  first = evaluate.accumulate(outputs, moes, batches, 38, uncertainty=True, seed=0)
+  # The fixture's experts hold a whole batch's outputs: one micro-batch of 2 per batch.
+  first = evaluate.accumulate(outputs, moes, batches, 38, uncertainty=True, seed=0,
+                              micro_batch=2)
   assert compiled() - before == 1
-  again = evaluate.accumulate(outputs, moes, batches, 38, uncertainty=True, seed=0)
+  again = evaluate.accumulate(outputs, moes, batches, 38, uncertainty=True, seed=0,
+                              micro_batch=2)
   for method in ("moe_0", "moe_1", "moe_2"):
     for name, value in first[method].items():
       np.testing.assert_array_equal(value, again[method][name], err_msg=f"{method} {name}")

@@ -98,7 +98,9 @@ def test_evaluation_compiles_its_step_once_never_per_batch():
               "label": rng.integers(0, 3, (2, 4, 5), np.uint8)} for _ in range(4)]
   compiled = evaluate.batch_statistics.jitted_fn._cache_size
   before = compiled()
-  totals = evaluate.accumulate(_fixed_moe_outputs, model, batches, 3, uncertainty=True)
+  # The fixed model's outputs are a whole batch's: one micro-batch of 2 per batch.
+  totals = evaluate.accumulate(_fixed_moe_outputs, model, batches, 3, uncertainty=True,
+                               micro_batch=2)
   assert compiled() - before == 1
   assert int(totals["moe"]["confusion"].sum()) == 4 * 2 * 4 * 5
 
@@ -124,6 +126,7 @@ def test_one_pixel_extreme_logits_and_an_absent_class_give_finite_numbers_in_ran
   batch = {"image": np.zeros((1, 1, 1, 3), np.uint8), "label": np.zeros((1, 1, 1), np.uint8)}
   stats, _ = evaluate.batch_statistics(_fixed_moe_outputs, model, batch, jax.random.key(0), 3,
                                        True, 0, 1)
+  stats = evaluate.host_sums(stats)
   for method, values in stats.items():
     for name, value in values.items():
       assert np.all(np.isfinite(np.asarray(value, np.float64))), (method, name)
@@ -164,7 +167,8 @@ def test_batch_statistics_of_every_method_equal_each_computed_alone(max_vmapped_
   else:
     batch = {"image": rng.integers(0, 255, (3, 8, 6, 3), np.uint8), "label": labels}
     stats, _ = evaluate.batch_statistics(outputs, model, batch, jax.random.key(0), 3, True,
-                                         0, 2)
+                                         0, 2, None, None, 3)  # the whole batch at once
+    stats = evaluate.host_sums(stats)
   assert set(stats) == set(out)
   y = jnp.asarray(labels, jnp.int32)
   valid = y < 3

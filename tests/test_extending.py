@@ -46,7 +46,8 @@ def test_a_new_measure_reaches_the_maps_the_statistics_and_the_summary(with_leas
                              atol=1e-6)
   batch = {"image": np.zeros((2, 3, 4, 3), np.uint8),
            "label": rng.integers(0, 5, (2, 3, 4), np.uint8)}
-  totals = evaluate.accumulate(_outputs, Fixed(probs), [batch], 5, uncertainty=True)
+  totals = evaluate.accumulate(_outputs, Fixed(probs), [batch], 5, uncertainty=True,
+                               micro_batch=2)  # the fixed members' whole batch
   stats = totals["ensemble"]
   assert stats["histogram/least_confidence"].sum() == 2 * 3 * 4
   entry = evaluate.summary(stats, metrics.REFERENCE_THRESHOLDS)

@@ -53,7 +53,7 @@ class StackedExperts(nnx.Module):
   def __call__(self, images: jax.Array, *, per_expert: bool = False):
     if self.execution == "vmap":
       mesh = jax.sharding.get_abstract_mesh()
-      if mesh.shape.get("expert", 1) > 1:
+      if mesh.shape.get("expert", 1) > 1 and "expert" not in mesh.manual_axes:
         return self._per_device(images, per_expert)
 
       @nnx.vmap(in_axes=(0, 0 if per_expert else None), out_axes=0)
