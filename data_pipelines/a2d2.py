@@ -417,7 +417,8 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
             batch_size: int, train: bool, seed: int = 0,
             split_dir: str | os.PathLike | None = None,
             tfds_dir: str | os.PathLike | None = None, shuffle_buffer: int = 512, start: int = 0,
-            drop_remainder: bool | None = None) -> tf.data.Dataset:
+            drop_remainder: bool | None = None,
+            process: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
   """Batches of an A2D2 split, prepared on first use.
 
   Args:
@@ -433,6 +434,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
     shuffle_buffer: frames in the shuffle buffer (encoded bytes).
     start: training only: index of the first frame of the endless stream (resume).
     drop_remainder: default True when training, False otherwise.
+    process: this process's rows of each global training batch (`transforms.stream`).
 
   Returns:
     Dataset of {"image": uint8 [B,H,W,3], "label": uint8 [B,H,W] (class ids, 255 ignore),
@@ -445,4 +447,4 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
       decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
   return transforms.stream(examples, image_size=image_size, batch_size=batch_size,
                            train=train, seed=seed, shuffle_buffer=shuffle_buffer, start=start,
-                           drop_remainder=drop_remainder)
+                           drop_remainder=drop_remainder, process=process)

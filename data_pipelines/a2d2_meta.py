@@ -91,13 +91,14 @@ def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
 
 
 def dataset(data: ml_collections.ConfigDict, split: str, *, batch_size: int, train: bool,
-            seed: int, start: int = 0) -> tf.data.Dataset:
+            seed: int, start: int = 0, process: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
   """Batches of `split` (see `data_pipelines.a2d2.dataset`)."""
   from data_pipelines import a2d2
   return a2d2.dataset(data.data_dir, split, image_size=tuple(data.image_size),
                       batch_size=batch_size, train=train, seed=seed,
                       split_dir=data.split_dir or None, tfds_dir=data.tfds_dir or None,
-                      shuffle_buffer=data.shuffle_buffer, start=start)
+                      shuffle_buffer=data.shuffle_buffer, start=start,
+                      process=process)
 
 
 def class_names(data: ml_collections.ConfigDict) -> tuple[str, ...]:

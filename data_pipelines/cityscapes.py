@@ -125,7 +125,8 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
             groups: int | Sequence[Sequence[str]] = 2,
             named: Mapping[str, Sequence[str]] | None = None,
             tfds_dir: str | os.PathLike | None = None, shuffle_buffer: int = 256, start: int = 0,
-            drop_remainder: bool | None = None) -> tf.data.Dataset:
+            drop_remainder: bool | None = None,
+            process: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
   """Cityscapes batches with trainId labels and the expert group of each city as domain.
 
   The first call for a `tfds_dir` prepares the TFDS shards from the zips in `data_dir`;
@@ -150,6 +151,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
       (11 GB / 5000 frames), so the default holds ~0.6 GB.
     start: training only: index of the first frame of the endless stream (resume).
     drop_remainder: override the default (True for training, False otherwise).
+    process: this process's rows of each global training batch (`transforms.stream`).
 
   Returns:
     Dataset of {"image": uint8 [B,H,W,3], "label": uint8 [B,H,W] trainIds or 255,
@@ -186,4 +188,5 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
         tf.data.experimental.assert_cardinality(size))
   return transforms.stream(examples, image_size=image_size, batch_size=batch_size, train=train,
                            seed=seed, shuffle_buffer=shuffle_buffer, start=start,
-                           drop_remainder=drop_remainder, label_map=train_ids)
+                           drop_remainder=drop_remainder, label_map=train_ids,
+                           process=process)

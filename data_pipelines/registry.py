@@ -37,11 +37,14 @@ class Dataset(Protocol):
     """Frames in `split`."""
 
   def dataset(self, data: ml_collections.ConfigDict, split: str, *, batch_size: int,
-              train: bool, seed: int, start: int = 0) -> tf.data.Dataset:
+              train: bool, seed: int, start: int = 0,
+              process: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
     """Batches {"image": uint8 [B,H,W,3], "label": uint8 [B,H,W] (255 ignored), "domain":
     int32 [B], "frame": string [B]} of `split` at `data.image_size`. Training streams are
     shuffled by `seed`, flipped and endless, starting at frame `start` (resume); otherwise
-    one ordered pass."""
+    one ordered pass. process=(index, count): this process's rows of each global training
+    batch (`data_pipelines.transforms.stream`); passed only when several processes run,
+    so a dataset without it still serves one process."""
 
   def class_names(self, data: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The names of the C classes, in class-id order."""

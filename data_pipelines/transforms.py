@@ -90,7 +90,8 @@ def decode_example(example: dict, *, image_size: Sequence[int], train: bool,
 def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: int,
            train: bool, seed: int = 0, shuffle_buffer: int = 512, start: int = 0,
            drop_remainder: bool | None = None,
-           label_map: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
+           label_map: Callable[[tf.Tensor], tf.Tensor] | None = None,
+           process: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
   """Turns undecoded examples into batches: shuffle, repeat, parallel decode, batch, prefetch.
 
   Training streams repeat forever; epoch e is shuffled with a seed derived from (seed, e)
@@ -110,6 +111,11 @@ def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: 
     start: training only: index of the first element (e.g. step x batch size on resume).
     drop_remainder: override the default (True for training, False otherwise).
     label_map: see `decode_example`.
+    process: (index, count) of this process among `count` reading one stream together
+      (training): it keeps rows index * batch_size .. (index + 1) * batch_size of every
+      global batch of batch_size * count elements, and decodes only those; the union of
+      the processes' batches is exactly the one-process stream's (`start` counts global
+      elements).
 
   Returns:
     Dataset of {"image": uint8 [B,h,w,3], "label": uint8 [B,h,w], "domain": int32 [B],
@@ -127,6 +133,13 @@ def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: 
   elif start:
     raise ValueError("start is for training streams; evaluation streams always start at 0")
   examples = examples.enumerate(start=start)
+  index, count = process
+  if count > 1:
+    if not train:
+      raise ValueError("process slicing is for training streams; evaluation slices its "
+                       "padded batches (moe_jax.input_pipeline.eval_batches)")
+    examples = examples.filter(
+        lambda i, _: (i % (batch_size * count)) // batch_size == index)
 
   def decode(index, example):
     element_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])

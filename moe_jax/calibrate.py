@@ -95,7 +95,8 @@ def _gather(config, outputs, models, extras, methods_: tuple[str, ...], stride: 
   mesh = sharding.mesh_of(models) or sharding.one_device_mesh()
   for p, part in enumerate(input_pipeline.split_parts(config.data, config.data.val_split)):
     for i, batch in enumerate(input_pipeline.eval_batches(
-        config.data, part, batch_size=config.eval.batch_size)):
+        config.data, part, batch_size=config.eval.batch_size,
+        process=sharding.process_rows())):
       values, lab = jax.device_get(_grid_values(
           outputs, models, sharding.put_batch(mesh, batch, sharding.EVAL),
           jax.random.fold_in(base, i), methods_, stride, disagreement_of, extras, mesh,

@@ -351,7 +351,8 @@ class StageCheckpoints:
   def _remove_stale_tmp_dirs(self) -> None:
     # `<step>.orbax-checkpoint-tmp-<ts>` is a save that never reached its rename (the run
     # was killed mid-write). Orbax already ignores it; deleting it reclaims the space.
-    if not self.directory.is_dir():
+    # Process 0 only (moe_jax.sharding.is_writer): the others may share its filesystem.
+    if not self.directory.is_dir() or jax.process_index() != 0:
       return
     for path in self.directory.iterdir():
       if _TMP_STEP_DIR.match(path.name) and path.is_dir() and not path.is_symlink():

@@ -283,10 +283,11 @@ def merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def confusions(outputs: Callable, model: nnx.Module, batches: Iterable[dict],
-               num_classes: int) -> dict[str, np.ndarray]:
+               num_classes: int, micro_batch: int = 1) -> dict[str, np.ndarray]:
   """{method: int64 [C, C]} over `batches` (validation: predictions only)."""
   return {method: stats["confusion"]
-          for method, stats in accumulate(outputs, model, batches, num_classes).items()}
+          for method, stats in accumulate(outputs, model, batches, num_classes,
+                                          micro_batch=micro_batch).items()}
 
 
 CURVES = ("p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu",
@@ -671,7 +672,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             dynamic_ncols=True) as bar:
     for read, options in reads.items():
       batches = input_pipeline.eval_batches(config.data, read.split(":")[0],
-                                            batch_size=config.eval.batch_size, **options)
+                                            batch_size=config.eval.batch_size,
+                                            process=sharding.process_rows(), **options)
       panel = {} if panel_images and read not in corrupted else None
       for method, stats in accumulate(outputs, models, batches, config.data.num_classes,
                                       uncertainty=True, seed=config.seed,

@@ -48,13 +48,16 @@ def prepare(data: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def dataset(data: ml_collections.ConfigDict, split: str, *, batch_size: int, train: bool,
-            seed: int, start: int = 0):
+            seed: int, start: int = 0, process: tuple[int, int] = (0, 1)):
   """Batches of `split` as a tf.data.Dataset (see data_pipelines.registry.Dataset.dataset).
 
-  `start` (training only) is the index of the first frame of the endless stream.
+  `start` (training only) is the index of the first frame of the endless stream;
+  `process` (training only): (index, count), this process's rows of each global batch of
+  batch_size * count frames.
   """
+  several = {"process": process} if process[1] > 1 else {}
   return registry.get(data.name).dataset(data, split, batch_size=batch_size, train=train,
-                                         seed=seed, start=start)
+                                         seed=seed, start=start, **several)
 
 
 def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
@@ -85,26 +88,34 @@ def expert_split(data: ml_collections.ConfigDict, name: str, part: str) -> str:
 
 
 def train_batches(data: ml_collections.ConfigDict, splits: Sequence[str], *, batch_size: int,
-                  seeds: Sequence[int], start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  seeds: Sequence[int], start_step: int = 0,
+                  process: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches, one stream per split, stacked on a leading member axis.
 
   Member k draws from `splits[k]` with `seeds[k]` (experts: one domain each; a deep
   ensemble: the same split with different seeds). Resuming at `start_step` continues
   each stream exactly where the uninterrupted run would be.
 
+  Args:
+    batch_size: B, the global batch.
+    process: (index, count): this process reads and yields only its rows index * b ..
+      (index + 1) * b of each global batch, b = B / count (`moe_jax.sharding.put_batch`
+      assembles the global batch).
+
   Yields:
-    {"image": uint8 [K, B, H, W, 3], "label": uint8 [K, B, H, W]}.
+    {"image": uint8 [K, b, H, W, 3], "label": uint8 [K, b, H, W]}.
   """
-  streams = [dataset(data, split, batch_size=batch_size, train=True, seed=seed,
-                     start=start_step * batch_size).as_numpy_iterator()
+  index, count = process
+  streams = [dataset(data, split, batch_size=batch_size // count, train=True, seed=seed,
+                     start=start_step * batch_size, process=process).as_numpy_iterator()
              for split, seed in zip(splits, seeds, strict=True)]
   for batches in zip(*streams):
     yield {key: np.stack([b[key] for b in batches]) for key in ("image", "label")}
 
 
 def eval_batches(data: ml_collections.ConfigDict, split: str, *, batch_size: int,
-                 frames_per_part: int = 0, corruption: tuple[str, int] | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+                 frames_per_part: int = 0, corruption: tuple[str, int] | None = None,
+                 process: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over `split` in batches of exactly `batch_size` (one compiled shape).
 
   The last batch is padded with black images labelled 255 (ignored by every metric).
@@ -117,10 +128,15 @@ def eval_batches(data: ml_collections.ConfigDict, split: str, *, batch_size: int
     corruption: (name, severity): every frame goes through
       `data_pipelines.corruptions.corrupt` at the model's input size, frame i of the pass
       seeded with i (deterministic).
+    process: (index, count): yield only this process's rows index * b .. (index + 1) * b
+      of each (padded) batch, b = batch_size / count; every process yields as many batches.
+      (Every process decodes every frame: evaluation reads far less than training.)
 
   Yields:
-    {"image": uint8 [B, H, W, 3], "label": uint8 [B, H, W]}.
+    {"image": uint8 [b, H, W, 3], "label": uint8 [b, H, W]}.
   """
+  index, count = process
+  rows = slice(index * batch_size // count, (index + 1) * batch_size // count)
   frames = _frames(data, split, frames_per_part, batch_size)
   if corruption is not None:
     name, severity = corruption
@@ -129,8 +145,9 @@ def eval_batches(data: ml_collections.ConfigDict, split: str, *, batch_size: int
   while chunk := list(itertools.islice(frames, batch_size)):
     images, labels = (np.stack(column) for column in zip(*chunk))
     pad = batch_size - len(chunk)
-    yield {"image": np.pad(images, [(0, pad), (0, 0), (0, 0), (0, 0)]),
-           "label": np.pad(labels, [(0, pad), (0, 0), (0, 0)], constant_values=IGNORE_LABEL)}
+    yield {"image": np.pad(images, [(0, pad), (0, 0), (0, 0), (0, 0)])[rows],
+           "label": np.pad(labels, [(0, pad), (0, 0), (0, 0)],
+                           constant_values=IGNORE_LABEL)[rows]}
 
 
 def _frames(data: ml_collections.ConfigDict, split: str, frames_per_part: int,

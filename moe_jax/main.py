@@ -14,6 +14,7 @@ Runs the pipeline's stages in order (default: all of them):
 A finished stage is skipped on a rerun; an interrupted one resumes from its checkpoint.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -96,7 +97,8 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # TFDS logs every shard at INFO.
   # The stages pull in TensorFlow (~4 s); imported here, after the flags parsed, so that a
   # bad command line fails at once.
-  from moe_jax import calibrate, evaluate, input_pipeline, report, train
+  from moe_jax import calibrate, evaluate, input_pipeline, report, sharding, train
+  sharding.initialize_distributed()  # one of several processes: join them (docs/scaling.md)
   config = _CONFIG.value
   runners = {**{name: functools.partial(train.run, name=name) for name in stages.STAGES},
              "calibrate": calibrate.run, "evaluate": evaluate.run,
@@ -105,16 +107,23 @@ def main(argv) -> None:
   try:
     config_checks.validate(config)  # every key a stage reads, before hours of training
     workdir = input_pipeline.workdir_path(_WORKDIR.value)
-    with run_lock.hold(workdir):
+    # Several processes: process 0 holds the lock and writes the files, and every stage
+    # ends with all processes together (its files exist before the next stage reads them).
+    with run_lock.hold(workdir) if sharding.is_writer() else contextlib.nullcontext():
       with config.unlocked():
         input_pipeline.resolve_paths(config.data, workdir)
       resolved = json.loads(config.to_json_best_effort())
       checkpoint.check_same_run(workdir, resolved)
       checkpoint.save_config(workdir, resolved)
-      run_data_stage(config)  # every stage reads the data; a no-op once it is prepared
+      if sharding.is_writer():
+        run_data_stage(config)  # every stage reads the data; a no-op once it is prepared
+      sharding.sync("data")
+      if not sharding.is_writer():
+        input_pipeline.prepare(config.data)  # reads what process 0 prepared
       for stage in STAGES[1:]:
         if stage in _STAGES.value:
           runners[stage](config, workdir)
+          sharding.sync(stage)
   except (config_checks.ConfigError, DataError, checkpoint.CheckpointError,
           output_files.OutputError, run_lock.WorkdirBusy, FloatingPointError) as e:
     sys.exit(f"error: {e}")

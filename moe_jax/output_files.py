@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -36,11 +37,16 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> pathlib.Path:
   Temp files of `path` that an earlier, killed write left behind are removed then (one run
   per workdir holds its lock, so no other writer of `path` is under way).
 
+  With several processes (moe_jax.sharding), only process 0 writes; the others compute
+  the same bytes and return.
+
   Raises:
     OutputError: the write failed (disk full, file-size limit, permissions); the temp file
       is removed and the previous `path`, if any, is untouched.
   """
   target = pathlib.Path(path).expanduser()
+  if jax.process_index() != 0:
+    return target
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -13,14 +13,15 @@ global batch, and BatchNorm's batch statistics are those of the global batch (Py
 DataParallel, the reference's, computes them per device). Nothing else in the package
 places arrays on devices.
 
-Several processes (hosts): the mesh spans the devices of all processes, and each process
-feeds its own rows of every global batch (`put_batch`). Not yet wired: joining JAX's
-distributed runtime from the command line, per-process input slicing and process-0-only
-outputs (docs/scaling.md says what runs today).
+Several processes (hosts): `initialize_distributed` joins JAX's runtime, the mesh spans the
+devices of all processes, each process reads and feeds its own rows of every global batch
+(`process_rows`, `put_batch`), every process computes the same results, and process 0
+writes the files (`is_writer`, `sync`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -33,6 +34,55 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from moe_jax.config_checks import MESH_DEFAULTS, ConfigError
 
 AXES = tuple(MESH_DEFAULTS)  # ("data", "expert")
+
+
+# Environment variables by which a launcher says this is one of several processes:
+# jax.distributed's own (any cluster, or plain env vars), SLURM's, Open MPI's, a TPU pod's.
+def _several_processes(env: Mapping[str, str]) -> bool:
+  counts = (env.get("JAX_NUM_PROCESSES"), env.get("SLURM_NTASKS") if "SLURM_JOB_ID" in env
+            else None, env.get("OMPI_COMM_WORLD_SIZE"))
+  return (bool(env.get("JAX_COORDINATOR_ADDRESS")) or any(int(n or 1) > 1 for n in counts)
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def initialize_distributed(env: Mapping[str, str] = os.environ) -> bool:
+  """Joins JAX's distributed runtime (`jax.distributed.initialize`) when the environment
+  says this process is one of several, before anything touches a device; True if it did.
+
+  Plain env vars: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
+  SLURM (srun), Open MPI (mpirun) and Cloud TPU pods are detected by JAX itself. CPU
+  devices of several processes talk through gloo (jax_cpu_collectives_implementation).
+  """
+  if not _several_processes(env):
+    return False
+  if not env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  explicit = {}
+  if env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
+    explicit = dict(num_processes=int(env["JAX_NUM_PROCESSES"]),
+                    process_id=int(env["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**explicit)
+  return True
+
+
+def is_writer() -> bool:
+  """True in the one process that writes the run's files (process 0); every process
+  computes the same results, and Orbax writes each process's checkpoint shards itself."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process got here (no-op with one process): e.g. process 0's files
+  are written before the others read them."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def process_rows() -> tuple[int, int]:
+  """(this process's index, the number of processes): each process reads rows
+  index * b .. (index + 1) * b of every global batch of b * count images."""
+  return jax.process_index(), jax.process_count()
 
 
 def mesh_shape(section: Mapping[str, int], devices: int, execution: str) -> tuple[int, int]:
@@ -219,9 +269,23 @@ def model_shardings(model: nnx.Module, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(sharding, nnx.state(model))
 
 
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+  """`x` (an array, or a typed PRNG key array, holding the same value in every process)
+  placed as `sharding`. Within one process, `jax.device_put`; a mesh that spans processes
+  is fed from each process's host copy (a device cannot send to another host's devices
+  on every backend, e.g. CPU)."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  host = np.asarray(jax.device_get(x))
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def place_model(model: nnx.Module, mesh: Mesh) -> None:
   """Moves `model`'s state onto the mesh (see `model_shardings`), in place."""
-  nnx.update(model, jax.device_put(nnx.state(model), model_shardings(model, mesh)))
+  nnx.update(model, jax.tree.map(put, nnx.state(model), model_shardings(model, mesh)))
 
 
 def placed_copy(model: Any, mesh: Mesh) -> Any:
@@ -242,7 +306,7 @@ def place_state(tree: Any, mesh: Mesh) -> Any:
     if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and \
         x.sharding.mesh == mesh:
       return x
-    return jax.device_put(x, replicated(mesh))
+    return put(x, replicated(mesh))
   return jax.tree.map(place, tree)
 
 

@@ -333,9 +333,10 @@ def stacked_validation(config, val_splits: Sequence[str]
     scores = [math.nan] * len(val_splits)
     for split in dict.fromkeys(val_splits):
       cms = evaluate.confusions(methods.stacked, members,
-                                input_pipeline.eval_batches(config.data, split,
-                                                            batch_size=config.eval.batch_size),
-                                config.data.num_classes)
+                                input_pipeline.eval_batches(
+                                    config.data, split, batch_size=config.eval.batch_size,
+                                    process=sharding.process_rows()),
+                                config.data.num_classes, config.eval.micro_batch)
       for k, own in enumerate(val_splits):
         if own == split:
           scores[k] = metrics.mean_iou(cms[str(k)])
@@ -349,9 +350,11 @@ def validation(config, outputs: Callable, keys: Sequence[str]
   takes the tuple of models) on the config's val split, all in one pass."""
   def validate(models: tuple[nnx.Module, ...]) -> list[float]:
     cms = evaluate.confusions(outputs, models,
-                              input_pipeline.eval_batches(config.data, config.data.val_split,
-                                                          batch_size=config.eval.batch_size),
-                              config.data.num_classes)
+                              input_pipeline.eval_batches(
+                                  config.data, config.data.val_split,
+                                  batch_size=config.eval.batch_size,
+                                  process=sharding.process_rows()),
+                              config.data.num_classes, config.eval.micro_batch)
     return [metrics.mean_iou(cms[key]) for key in keys]
   return validate
 
@@ -433,6 +436,7 @@ def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Sta
   train_splits = stage.train_splits(config)
   mesh = sharding.make_mesh(config)
   sharding.check_batch(section.batch_size, mesh, f"train.{name}.batch_size")
+  sharding.check_eval_batch(config.eval.batch_size, config.eval.micro_batch, mesh)
   if stage.stacked:
     sharding.check_members(len(train_splits), mesh, f"the {name} stage")
   sizes = [input_pipeline.num_examples(data, split) for split in train_splits]
@@ -441,7 +445,8 @@ def _train(config, workdir, name: str, names: tuple[str, ...], stage: stages.Sta
 
   def batches(first: int) -> Iterator[dict]:
     stream = input_pipeline.train_batches(data, train_splits, batch_size=section.batch_size,
-                                          seeds=seeds, start_step=first)
+                                          seeds=seeds, start_step=first,
+                                          process=sharding.process_rows())
     spec = sharding.STACKED if stage.stacked else sharding.TRAIN
     return (sharding.put_batch(mesh, batch, spec)
             for batch in (stream if stage.stacked else _first_member(stream)))

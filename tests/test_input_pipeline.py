@@ -77,3 +77,40 @@ def test_eval_batches_pad_limit_parts_and_corrupt_deterministically(tmp_path):
     np.testing.assert_array_equal(corrupted,
                                   corruptions.corrupt(clean, "gaussian_noise", 3, seed=i))
   assert not np.array_equal(noisy[0] - first[0], noisy[1] - first[1])
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_each_process_reads_its_rows_and_together_they_read_the_one_process_batches(
+    tmp_path, count):
+  """Several processes (moe_jax.sharding.process_rows): process p's training and
+  evaluation batches are rows p*b..(p+1)*b of the one-process batches (b = B / count), at
+  the start and on resume; every process yields as many evaluation batches, padding
+  included."""
+  config = load_config("a2d2", "smoke")
+  input_pipeline.resolve_paths(config.data, tmp_path)
+  input_pipeline.prepare(config.data)
+  data, B = config.data, 4
+  splits, seeds = ["highway_train", "urban_train"], [3, 4]
+
+  def train(start_step, process=(0, 1)):
+    stream = input_pipeline.train_batches(data, splits, batch_size=B, seeds=seeds,
+                                          start_step=start_step, process=process)
+    return [next(stream) for _ in range(3)]  # 12 of 8 frames: into the second epoch
+
+  for start_step in (0, 2):
+    whole = train(start_step)
+    parts = [train(start_step, (p, count)) for p in range(count)]
+    for step, batch in enumerate(whole):
+      for key in ("image", "label"):
+        assert parts[0][step][key].shape[1] == B // count
+        np.testing.assert_array_equal(
+            np.concatenate([part[step][key] for part in parts], axis=1), batch[key])
+
+  whole = list(input_pipeline.eval_batches(data, "all_test", batch_size=B, frames_per_part=3))
+  parts = [list(input_pipeline.eval_batches(data, "all_test", batch_size=B, frames_per_part=3,
+                                            process=(p, count))) for p in range(count)]
+  assert len(whole) == 2 and all(len(part) == 2 for part in parts)  # 6 frames, 2 padded
+  for i, batch in enumerate(whole):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([part[i][key] for part in parts]),
+                                    batch[key])
