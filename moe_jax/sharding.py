@@ -211,23 +211,24 @@ def map_chunks(fn: Callable, mesh: Mesh, micro_batch: int, shared: Any,
     # and fused with what surrounds it, and gives other float roundings than the same
     # body looped (the one-device run's several chunks against a mesh's one per device).
     count = jax.lax.optimization_barrier(jnp.int32(chunks))
-    shapes = jax.eval_shape(fn, shared, jax.tree.map(lambda x: x[0], batch), key)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    zeros = (zeros[0], jax.tree.map(lambda x: jnp.zeros((chunks, *x.shape), x.dtype),
-                                    zeros[1]))
+    # `fn` traced once (the model's Python runs once), its jaxpr replayed in the loop.
+    traced, shapes = jax.make_jaxpr(fn, return_shape=True)(
+        shared, jax.tree.map(lambda x: x[0], batch), key)
+    zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0]),
+             jax.tree.map(lambda s: jnp.zeros((chunks, *s.shape), s.dtype), shapes[1]))
 
     def step(index, carry):
-      # `shared` rides in the carry, unchanged: flax's transforms inside `fn` refuse
-      # modules built from arrays of an outer trace.
-      (total, stacked), shared = carry
+      total, stacked = carry
       chunk = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False),
                            batch)
-      summed, one = fn(shared, chunk, jax.random.fold_in(key, first + index))
+      args = jax.tree.leaves((shared, chunk, jax.random.fold_in(key, first + index)))
+      summed, one = jax.tree.unflatten(jax.tree.structure(shapes),
+                                       jax.core.eval_jaxpr(traced.jaxpr, traced.consts, *args))
       stacked = jax.tree.map(lambda all_, x: jax.lax.dynamic_update_index_in_dim(
           all_, x, index, 0), stacked, one)
-      return (jax.tree.map(jnp.add, total, summed), stacked), shared
+      return jax.tree.map(jnp.add, total, summed), stacked
 
-    (total, stacked), _ = jax.lax.fori_loop(0, count, step, (zeros, shared))
+    total, stacked = jax.lax.fori_loop(0, count, step, zeros)
     return jax.lax.psum(total, AXES), stacked
 
   return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), EVAL, P()),

@@ -228,3 +228,29 @@ def test_mesh_shape_fills_the_data_axis():
   assert sharding.mesh_shape({}, 8, "unroll") == (8, 1)
   assert sharding.mesh_shape({"data": -1, "expert": 2}, 8, "vmap") == (4, 2)
   assert sharding.mesh_shape({"data": 2, "expert": 4}, 8, "vmap") == (2, 4)
+
+
+def test_an_eval_batch_that_does_not_split_over_the_devices_is_one_line():
+  mesh = sharding.one_device_mesh()
+  sharding.check_eval_batch(4, 2, mesh)  # 1 device x micro-batches of 2
+  with pytest.raises(ConfigError, match=r"config key eval.batch_size=4 does not split over 1 "
+                                        r"devices in micro-batches of eval.micro_batch=3; use "
+                                        r"a multiple of 3"):
+    sharding.check_eval_batch(4, 3, mesh)
+
+
+@pytest.mark.parametrize("env, several", [
+    ({}, False),
+    ({"JAX_COORDINATOR_ADDRESS": "node0:1234"}, True),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, True),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, True),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, False),  # one task, all its GPUs
+    ({"SLURM_NTASKS": "2"}, False),                         # not inside a job
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "w0"}, False),                # a single TPU VM
+])
+def test_the_environment_says_when_to_join_several_processes(env, several):
+  assert sharding._several_processes(env) == several
+  if not several:
+    assert sharding.initialize_distributed(env) is False
