@@ -395,6 +395,7 @@ def _summary_numbers(tree):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 6 min: three evaluate runs; the default suite is over its time budget
 def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
     smoke_run, tmp_path):
   """The evaluate stage of the smoke run again, on a forced 4-device mesh in one process,
