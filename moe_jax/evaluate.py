@@ -247,9 +247,10 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
   for i, batch in enumerate(batches):
     # Dispatch this batch before fetching the last result, so the host's transfer
     # overlaps the device's work.
-    result, maps = batch_statistics(outputs, model, sharding.put_batch(mesh, batch, sharding.EVAL),
-                                    jax.random.fold_in(base, i), num_classes, uncertainty,
-                                    panel_images, patch_size, calibration, mesh, micro_batch)
+    placed = sharding.put_batch(mesh, batch, sharding.EVAL)
+    result, maps = batch_statistics(outputs, model, placed, jax.random.fold_in(base, i),
+                                    num_classes, uncertainty, panel_images, patch_size,
+                                    calibration, mesh, micro_batch)
     if i == 0 and panels is not None:
       panels.update(image=batch["image"][:panel_images], label=batch["label"][:panel_images],
                     maps=jax.device_get(maps))
