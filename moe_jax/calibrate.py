@@ -56,16 +56,17 @@ def grid_stride(num_images: int, image_size: tuple[int, int], max_pixels: int) -
   return stride
 
 
-@nnx.jit(static_argnums=(0, 4, 5, 6, 8, 9))
-def _grid_values(outputs, models, batch, key, methods_: tuple[str, ...], stride: int,
-                 disagreement_of: tuple[tuple[str, ...], str] | None, extras,
-                 mesh: jax.sharding.Mesh, micro_batch: int
-                 ) -> tuple[dict[str, jax.Array], jax.Array]:
-  """On the batch's pixel grid: {method: log p [N, C]} of each of `methods_` (and
-  DISAGREEMENT [N], `methods.disagreement` of (expert methods, MoE method)), and the
-  labels [N]; `outputs` is `evaluate.combined_outputs`'. Run over `mesh` in micro-batches
-  as evaluation runs (`sharding.map_chunks`): the same values for every mesh."""
-  graphdef, state = nnx.split(models)
+@functools.partial(jax.jit, static_argnums=(0, 1, 6, 7, 8, 10),
+                   compiler_options=sharding.SAME_ON_EVERY_MESH)
+def _grid_values(outputs, graphdef, state, chunk, ids, key, methods_: tuple[str, ...],
+                 stride: int, disagreement_of: tuple[tuple[str, ...], str] | None, extras,
+                 mesh: jax.sharding.Mesh) -> tuple[dict[str, jax.Array], jax.Array]:
+  """One `sharding.chunk_steps` step, on each device's micro-batch's pixel grid:
+  ({method: log p [devices, N, C]} of each of `methods_` (and DISAGREEMENT [devices, N],
+  `methods.disagreement` of (expert methods, MoE method)), the labels [devices, N]);
+  `outputs` is `evaluate.combined_outputs`', the models nnx.merge(graphdef, state). Each
+  micro-batch runs alone on its device (`sharding.map_chunk`), as evaluation runs: the
+  same values for every mesh."""
   tiny = jnp.finfo(jnp.float32).tiny
   grid = lambda x: x[:, ::stride, ::stride].reshape(-1, *x.shape[3:])
 
@@ -75,12 +76,25 @@ def _grid_values(outputs, models, batch, key, methods_: tuple[str, ...], stride:
     values = {m: grid(jnp.log(jnp.maximum(out[m]["probs"], tiny))) for m in methods_}
     if disagreement_of is not None:
       values[DISAGREEMENT] = grid(methods.disagreement(out, *disagreement_of))
-    return (), (values, grid(chunk["label"].astype(jnp.int32)))
+    return values, grid(chunk["label"].astype(jnp.int32))
 
-  _, stacked = sharding.map_chunks(chunk_values, mesh, micro_batch, state,
-                                   {"image": batch["image"], "label": batch["label"]}, key)
-  return sharding.replicate(jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), stacked),
-                            mesh)
+  return sharding.map_chunk(chunk_values, mesh, state, chunk, ids, key)
+
+
+def grid_values(outputs, models, batch: dict[str, np.ndarray], key, methods_: tuple[str, ...],
+                stride: int, disagreement_of: tuple[tuple[str, ...], str] | None, extras,
+                mesh: jax.sharding.Mesh, micro_batch: int
+                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """`_grid_values` of this process's rows of a batch (on the host), over `mesh` in
+  micro-batches -> ({method: log p [N, C]}, labels [N]) of the whole batch, in image order."""
+  graphdef, state = nnx.split(models)
+  values, labels = sharding.chunk_order([
+      _grid_values(outputs, graphdef, state, chunk, ids, key, methods_, stride,
+                   disagreement_of, extras, mesh)
+      for chunk, ids in sharding.chunk_steps(
+          mesh, micro_batch, {"image": batch["image"], "label": batch["label"]})])
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  return jax.tree.map(flat, values), flat(labels)
 
 
 def _gather(config, outputs, models, extras, methods_: tuple[str, ...], stride: int,
@@ -97,10 +111,9 @@ def _gather(config, outputs, models, extras, methods_: tuple[str, ...], stride: 
     for i, batch in enumerate(input_pipeline.eval_batches(
         config.data, part, batch_size=config.eval.batch_size,
         process=sharding.process_rows())):
-      values, lab = jax.device_get(_grid_values(
-          outputs, models, sharding.put_batch(mesh, batch, sharding.EVAL),
-          jax.random.fold_in(base, i), methods_, stride, disagreement_of, extras, mesh,
-          config.eval.micro_batch))
+      values, lab = grid_values(outputs, models, batch, jax.random.fold_in(base, i),
+                                methods_, stride, disagreement_of, extras, mesh,
+                                config.eval.micro_batch)
       for k, v in values.items():
         parts.setdefault(k, []).append(v)
       labels.append(lab)

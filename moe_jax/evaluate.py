@@ -156,32 +156,16 @@ def _gate_statistics(routing: routers.Routing, valid: jax.Array) -> dict[str, ja
           "gate_sum": jnp.sum(jnp.where(unit_valid[:, None], weights, 0.0), axis=0)}
 
 
-@nnx.jit(static_argnums=(0, 4, 5, 6, 7, 9, 10))
-def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.Array],
-                     key: jax.Array, num_classes: int, uncertainty: bool, panel_images: int = 0,
-                     patch_size: int = 0, calibration: methods.Calibration | None = None,
-                     mesh: jax.sharding.Mesh | None = None, micro_batch: int = 1
-                     ) -> tuple[dict[str, dict[str, jax.Array]], dict[str, dict[str, jax.Array]]]:
-  """({method: {statistic: array}}, panels) of one batch (see the module docstring).
-
-  The batch runs split over every device of `mesh` (None: one device), `micro_batch`
-  images at a time (`sharding.map_chunks`; chunk c's key is fold_in(key, c)), so the
-  statistics are the same for every mesh: integer statistics are summed over the batch,
-  float ones come per chunk, with a leading axis [B / micro_batch], for `_add` to sum in
-  float64 in chunk order.
-
-  patch_size > 0 adds the patch-based histograms of patch_size² pixel patches.
-  calibration: the output function's 4th argument (None: it is called with three), e.g.
-  the calibrate stage's temperatures (see `combined_outputs`).
-  An output function may also return HARD_SUBSET: bool [B,H,W], the pixels on which every
-  method also gets the "hard/..." statistics (`_statistics`).
-
-  panels: {method: {map: [panel_images, H, W]}} for the prediction and the uncertainty
-  maps of each MoE method (those with a routing), from the batch's first images.
-  """
-  graphdef, state = nnx.split(model)
-
-  def chunk_statistics(state, chunk, key):
+@functools.partial(jax.jit, static_argnums=(0, 1, 6, 7, 8, 9, 11),
+                   compiler_options=sharding.SAME_ON_EVERY_MESH)
+def _chunk_statistics(outputs: Callable, graphdef: nnx.GraphDef, state: nnx.State,
+                      chunk: dict[str, jax.Array], ids: jax.Array, key: jax.Array,
+                      num_classes: int, uncertainty: bool, panels: bool, patch_size: int,
+                      calibration: methods.Calibration | None, mesh: jax.sharding.Mesh):
+  """One `sharding.chunk_steps` step of the model nnx.merge(graphdef, state): every
+  device's micro-batch, alone (`sharding.map_chunk`) -> (integer statistics, float
+  statistics, maps), each {(method, statistic): [devices, ...]}."""
+  def statistics(state, chunk, key):
     images = chunk["image"].astype(jnp.float32) / 255.0
     labels = chunk["label"].astype(jnp.int32)
     model = nnx.merge(graphdef, state)
@@ -192,20 +176,65 @@ def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, jax.
     flat = {(m, name): value for m, values in stats.items() for name, value in values.items()}
     exact = {k: v for k, v in flat.items() if jnp.issubdtype(v.dtype, jnp.integer)}
     ordered = {k: v for k, v in flat.items() if k not in exact}
-    maps = {method: {name: output[name] for name in ("prediction", *measures.MEASURES)
-                     if name in output}
-            for method, output in out.items() if panel_images and "routing" in output}
-    return exact, (ordered, maps)
+    maps = {(method, name): output[name] for method, output in out.items()
+            if panels and "routing" in output
+            for name in ("prediction", *measures.MEASURES) if name in output}
+    return exact, ordered, maps
 
+  return sharding.map_chunk(statistics, mesh, state, chunk, ids, key)
+
+
+def batch_statistics(outputs: Callable, model: nnx.Module, batch: dict[str, np.ndarray],
+                     key: jax.Array, num_classes: int, uncertainty: bool, panel_images: int = 0,
+                     patch_size: int = 0, calibration: methods.Calibration | None = None,
+                     mesh: jax.sharding.Mesh | None = None, micro_batch: int = 1) -> list:
+  """Dispatches the statistics of one batch (see the module docstring); `host_sums` fetches
+  them.
+
+  The batch runs split over every device of `mesh` (None: one device), `micro_batch`
+  images at a time, each micro-batch alone on its device (`sharding.chunk_steps`; chunk c's
+  key is fold_in(key, c)): every image goes through the same program on every mesh, and
+  `host_sums` adds the chunks' integers exactly and their floats in float64 in chunk order,
+  so the totals are the same for every mesh.
+
+  Args:
+    batch: this process's rows of the batch (one process: all), {"image": uint8
+      [b,H,W,3], "label": [b,H,W]}, on the host.
+    panel_images: > 0 also returns the maps `host_sums` gives as panels (static).
+    patch_size: > 0 adds the patch-based histograms of patch_size² pixel patches.
+    calibration: the output function's 4th argument (None: it is called with three), e.g.
+      the calibrate stage's temperatures (see `combined_outputs`).
+    An output function may also return HARD_SUBSET: bool [B,H,W], the pixels on which every
+    method also gets the "hard/..." statistics (`_statistics`).
+
+  Returns:
+    the dispatched steps, for `host_sums`.
+  """
   mesh = mesh or sharding.one_device_mesh()
-  exact, (ordered, maps) = sharding.map_chunks(
-      chunk_statistics, mesh, micro_batch, state,
-      {"image": batch["image"], "label": batch["label"]}, key)
-  stats = {}
-  for (method, name), value in {**exact, **sharding.replicate(ordered, mesh)}.items():
-    stats.setdefault(method, {})[name] = value
-  panels = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:panel_images], maps)
-  return stats, sharding.replicate(panels, mesh)
+  graphdef, state = nnx.split(sharding.placed_copy(model, mesh))
+  return [_chunk_statistics(outputs, graphdef, state, chunk, ids, key, num_classes,
+                            uncertainty, panel_images > 0, patch_size, calibration, mesh)
+          for chunk, ids in sharding.chunk_steps(
+              mesh, micro_batch, {"image": batch["image"], "label": batch["label"]})]
+
+
+def host_sums(steps: list, panel_images: int = 0
+              ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+  """One batch's `batch_statistics` on the host -> ({method: {statistic: sum}}, panels):
+  integers summed in int64, floats in float64 in chunk order; panels: {method: {map:
+  [panel_images, H, W]}}, the maps of each MoE method (those with a routing) on the batch's
+  first images."""
+  exact, ordered, maps = sharding.chunk_order(
+      steps if panel_images else [(exact, ordered, {}) for exact, ordered, _ in steps])
+  stats: dict[str, dict[str, np.ndarray]] = {}
+  for (method, name), value in exact.items():
+    stats.setdefault(method, {})[name] = value.astype(np.int64).sum(axis=0)
+  for (method, name), value in ordered.items():
+    stats.setdefault(method, {})[name] = value.astype(np.float64).sum(axis=0)
+  panels: dict[str, dict[str, np.ndarray]] = {}
+  for (method, name), value in maps.items():
+    panels.setdefault(method, {})[name] = value.reshape(-1, *value.shape[2:])[:panel_images]
+  return stats, panels
 
 
 def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], num_classes: int,
@@ -247,32 +276,25 @@ def accumulate(outputs: Callable, model: nnx.Module, batches: Iterable[dict], nu
   for i, batch in enumerate(batches):
     # Dispatch this batch before fetching the last result, so the host's transfer
     # overlaps the device's work.
-    placed = sharding.put_batch(mesh, batch, sharding.EVAL)
-    result, maps = batch_statistics(outputs, model, placed, jax.random.fold_in(base, i),
-                                    num_classes, uncertainty, panel_images, patch_size,
-                                    calibration, mesh, micro_batch)
-    if i == 0 and panels is not None:
-      panels.update(image=batch["image"][:panel_images], label=batch["label"][:panel_images],
-                    maps=jax.device_get(maps))
+    steps = batch_statistics(outputs, model, batch, jax.random.fold_in(base, i),
+                             num_classes, uncertainty, panel_images, patch_size, calibration,
+                             mesh, micro_batch)
     if pending is not None:
-      _add(totals, pending)
-    pending = result
+      _add(totals, host_sums(pending)[0])
+    pending = steps
+    if i == 0 and panels is not None:
+      sums, maps = host_sums(steps, panel_images)
+      _add(totals, sums)
+      panels.update(image=batch["image"][:panel_images], label=batch["label"][:panel_images],
+                    maps=maps)
+      pending = None
   if pending is not None:
-    _add(totals, pending)
+    _add(totals, host_sums(pending)[0])
   return totals
 
 
-def host_sums(result: dict) -> dict[str, dict[str, np.ndarray]]:
-  """One batch's `batch_statistics` on the host: integers widened to int64, floats summed
-  over their leading chunk axis in order, in float64."""
-  return {method: {name: value.astype(np.int64) if np.issubdtype(value.dtype, np.integer)
-                   else value.astype(np.float64).sum(axis=0)
-                   for name, value in stats.items()}
-          for method, stats in jax.device_get(result).items()}
-
-
-def _add(totals: dict, result: dict) -> None:
-  for method, stats in host_sums(result).items():
+def _add(totals: dict, sums: dict) -> None:
+  for method, stats in sums.items():
     into = totals.setdefault(method, {})
     for name, value in stats.items():
       into[name] = into.get(name, 0) + value
@@ -429,14 +451,17 @@ def routing_stability(config: ml_collections.ConfigDict, moes: tuple[nnx.Module,
   noise = tuple(float(sigma) for sigma in config.eval.stability_noise)
   top_k = config.eval.stability_top_k
   base, totals, images = build.key(config.seed), None, 0
+  mesh = sharding.mesh_of(moes) or sharding.one_device_mesh()
   for i, batch in enumerate(input_pipeline.eval_batches(config.data, split,
                                                         batch_size=config.eval.batch_size,
-                                                        frames_per_part=per_part)):
+                                                        frames_per_part=per_part,
+                                                        process=sharding.process_rows())):
     valid = np.any(batch["label"] != input_pipeline.IGNORE_LABEL, axis=(1, 2))
-    part = jax.device_get(stability.sums(moes, batch["image"].astype(np.float32) / 255.0,
-                                         valid, noise, top_k, jax.random.fold_in(base, i)))
+    part, valid_images = stability.sums(
+        moes, {"image": batch["image"], "valid": valid}, noise, top_k,
+        jax.random.fold_in(base, i), mesh, config.eval.micro_batch)
     totals = part if totals is None else jax.tree.map(np.add, totals, part)
-    images += int(valid.sum())
+    images += valid_images
   return {"split": split, "images": images, "noise": list(noise), "top_k": top_k,
           "methods": {name: stability.means(totals[j]) for j, name in enumerate(names)}}
 

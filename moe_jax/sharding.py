@@ -25,7 +25,6 @@ import os
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -171,7 +170,7 @@ def put_batch(mesh: Mesh, batch: Mapping[str, np.ndarray], spec: P = TRAIN
 
 def check_eval_batch(batch_size: int, micro_batch: int, mesh: Mesh) -> None:
   """ConfigError unless eval.batch_size splits over every device of `mesh` in whole
-  micro-batches of eval.micro_batch images (`map_chunks`)."""
+  micro-batches of eval.micro_batch images (`chunk_steps`)."""
   if batch_size % (mesh.size * micro_batch):
     raise ConfigError(
         f"config key eval.batch_size={batch_size} does not split over {mesh.size} devices in "
@@ -179,66 +178,84 @@ def check_eval_batch(batch_size: int, micro_batch: int, mesh: Mesh) -> None:
         f"{mesh.size * micro_batch} (devices x micro-batch).")
 
 
-def map_chunks(fn: Callable, mesh: Mesh, micro_batch: int, shared: Any,
-               batch: Mapping[str, jax.Array], key: jax.Array) -> tuple[Any, Any]:
-  """Inside a jit: `fn` over the micro-batches of a global batch split over every device.
+# The XLA options of a `map_chunk` program. XLA compiles a program for several devices with
+# an SPMD pipeline and one for a single device without it; the SPMD pipeline's cleanup
+# (DCE, tuple simplification, CSE) runs before the main simplification passes, which then
+# rewrite the deduplicated program otherwise (e.g. x / c against x * (1 / c)) and round
+# some floats differently. Without it both pipelines give one device's program (measured
+# on CPU, jax 0.10: tests/test_mesh.py); later passes still remove what it would have.
+SAME_ON_EVERY_MESH = {"xla_disable_hlo_passes": "spmd-cleanup"}
 
-  Each device runs its rows of `batch` (EVAL) `micro_batch` images at a time (lax.scan),
-  so every image goes through the same compiled shapes whatever the mesh: XLA's numbers
-  for an image depend on how many images it computes at once (CPU: batch 2 differs from
-  batch 8 by ~1e-6), and a results.json identical for every mesh needs them fixed.
+
+def chunk_steps(mesh: Mesh, micro_batch: int, batch: Mapping[str, np.ndarray]
+                ) -> list[tuple[dict[str, jax.Array], jax.Array]]:
+  """This process's rows of a global evaluation batch -> its micro-batches, one step per
+  micro-batch slot of a device, each placed for `map_chunk`.
+
+  The batch of B images is split into B / micro_batch chunks (chunk c: images
+  c * micro_batch ..), and device d of the mesh (EVAL order) holds chunks d * n .. d * n +
+  n - 1, n = B / (devices x micro_batch), as it holds their rows under EVAL. Step s gives
+  every device its s-th chunk.
 
   Args:
-    fn: (shared, chunk {name: [micro_batch, ...]}, key) -> (summed, stacked): `summed`
-      is added over chunks and devices (exact only for integers), `stacked` is kept per
-      chunk (a float sum's order would depend on the mesh; the caller sums them in chunk
-      order).
-    shared: a pytree every chunk reads (e.g. the models' state), replicated.
-    batch: {name: [B, ...]}, sharded EVAL; B = devices x micro_batch x chunks per device.
-    key: chunk c of the global batch gets fold_in(key, c).
+    batch: {name: [b, ...]}, b = B / processes: this process's rows (one process: all).
 
   Returns:
-    (summed, replicated on every device; stacked, with a leading axis [B / micro_batch] in
-    global chunk order, sharded EVAL: `replicate` what the host fetches).
+    n steps of ({name: [devices x micro_batch, ...]} sharded EVAL, the global index of each
+    device's chunk, int32 [devices] sharded EVAL).
   """
-  def per_device(shared, batch, key):
-    rows = jax.tree.leaves(batch)[0].shape[0]
-    chunks = rows // micro_batch
-    batch = jax.tree.map(lambda x: x.reshape(chunks, micro_batch, *x.shape[1:]), batch)
-    first = jax.lax.axis_index(AXES) * chunks
-
-    # A while loop whose trip count XLA cannot see: a loop it knows runs once is inlined
-    # and fused with what surrounds it, and gives other float roundings than the same
-    # body looped (the one-device run's several chunks against a mesh's one per device).
-    count = jax.lax.optimization_barrier(jnp.int32(chunks))
-    # `fn` traced once (the model's Python runs once), its jaxpr replayed in the loop.
-    traced, shapes = jax.make_jaxpr(fn, return_shape=True)(
-        shared, jax.tree.map(lambda x: x[0], batch), key)
-    zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0]),
-             jax.tree.map(lambda s: jnp.zeros((chunks, *s.shape), s.dtype), shapes[1]))
-
-    def step(index, carry):
-      total, stacked = carry
-      chunk = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False),
-                           batch)
-      args = jax.tree.leaves((shared, chunk, jax.random.fold_in(key, first + index)))
-      summed, one = jax.tree.unflatten(jax.tree.structure(shapes),
-                                       jax.core.eval_jaxpr(traced.jaxpr, traced.consts, *args))
-      stacked = jax.tree.map(lambda all_, x: jax.lax.dynamic_update_index_in_dim(
-          all_, x, index, 0), stacked, one)
-      return jax.tree.map(jnp.add, total, summed), stacked
-
-    total, stacked = jax.lax.fori_loop(0, count, step, zeros)
-    return jax.lax.psum(total, AXES), stacked
-
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), EVAL, P()),
-                       out_specs=(P(), EVAL), check_vma=False)(shared, batch, key)
+  rows = len(next(iter(batch.values())))
+  local = rows // micro_batch
+  devices = mesh.size // jax.process_count()
+  n = local // devices
+  first = jax.process_index() * devices * n
+  ids = first + n * np.arange(devices, dtype=np.int32)
+  steps = []
+  for s in range(n):
+    chunk = {name: np.asarray(x).reshape(devices, n, micro_batch, *x.shape[1:])[:, s]
+             .reshape(devices * micro_batch, *x.shape[1:]) for name, x in batch.items()}
+    steps.append((put_batch(mesh, chunk, EVAL), put_batch(mesh, {"": ids + s}, EVAL)[""]))
+  return steps
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Inside a jit: `tree` replicated on every device of `mesh`, so that any process can
-  fetch it."""
-  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+def map_chunk(fn: Callable, mesh: Mesh, shared: Any, chunk: Mapping[str, jax.Array],
+              ids: jax.Array, key: jax.Array) -> Any:
+  """Inside a jit: `fn` on every device's own micro-batch of one `chunk_steps` step.
+
+  Each device runs one micro-batch alone, with no collective: compiled with
+  SAME_ON_EVERY_MESH, its program is the same for every mesh, one device included, and so
+  is every chunk's numbers (XLA's numbers for an image depend on how many images it
+  computes at once and on what the program fuses around them: on CPU, a batch of 2
+  differs from one of 8 by ~1e-6).
+
+  Args:
+    fn: (shared, chunk {name: [micro_batch, ...]}, key) -> a pytree of arrays.
+    shared: a pytree every chunk reads (e.g. the models' state), replicated.
+    chunk, ids: one step of `chunk_steps`; chunk c gets the key fold_in(key, c).
+
+  Returns:
+    `fn`'s pytree, each leaf with a leading device axis [devices, ...] sharded EVAL (see
+    `chunk_order`).
+  """
+  def per_device(shared, chunk, ids, key):
+    out = fn(shared, chunk, jax.random.fold_in(key, ids[0]))
+    return jax.tree.map(lambda x: x[None], out)
+
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), EVAL, EVAL, P()),
+                       out_specs=EVAL, check_vma=False)(shared, chunk, ids, key)
+
+
+def chunk_order(steps: list[Any]) -> Any:
+  """The `map_chunk` results of a batch's `chunk_steps`, fetched to the host (from every
+  process) and put in global chunk order: each leaf [B / micro_batch, ...], numpy."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    fetched = [multihost_utils.process_allgather(step, tiled=True) for step in steps]
+  else:
+    fetched = jax.device_get(steps)
+  # Step s's row d is chunk d * n + s.
+  return jax.tree.map(lambda *xs: np.stack(xs, axis=1).reshape(-1, *np.shape(xs[0])[1:]),
+                      *fetched)
 
 
 def mesh_of(tree: Any) -> Mesh | None:

@@ -15,11 +15,14 @@ averaged over the units of the images (`sums` gives mergeable sums; `means` the 
 
 from __future__ import annotations
 
+import functools
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax import sharding
 from moe_jax.models import routers
 
 STATISTICS = ("top1_agreement", "total_variation", "jaccard")
@@ -45,9 +48,8 @@ def unit_statistics(clean: jax.Array, noisy: jax.Array, top_k: int) -> dict[str,
   return stats
 
 
-@nnx.jit(static_argnums=(3, 4))
-def sums(moes: tuple, images: jax.Array, valid: jax.Array, noise: tuple[float, ...],
-         top_k: int, key: jax.Array) -> list[list[dict[str, jax.Array]]]:
+def _sums(moes: tuple, images: jax.Array, valid: jax.Array, noise: tuple[float, ...],
+          top_k: int, key: jax.Array) -> list[list[dict[str, jax.Array]]]:
   """[moe][σ] {statistic: sum over the valid images' units, "units": their count}.
 
   moes: MoEs around the same experts (the experts run once per σ); images float32
@@ -69,6 +71,44 @@ def sums(moes: tuple, images: jax.Array, valid: jax.Array, noise: tuple[float, .
       out[j].append({**{name: jnp.sum(jnp.where(mask, v, 0.0)) for name, v in stats.items()},
                      "units": jnp.sum(mask).astype(jnp.float32)})
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 7),
+                   compiler_options=sharding.SAME_ON_EVERY_MESH)
+def _chunk_sums(graphdef: nnx.GraphDef, state: nnx.State, chunk: dict[str, jax.Array],
+                ids: jax.Array, noise: tuple[float, ...], top_k: int, key: jax.Array,
+                mesh: jax.sharding.Mesh) -> tuple[list[list[dict[str, jax.Array]]], jax.Array]:
+  """(`_sums`, the number of valid images) of every device's micro-batch of one
+  `sharding.chunk_steps` step (leaves [devices])."""
+  def per_chunk(state, chunk, key):
+    return (_sums(nnx.merge(graphdef, state), chunk["image"].astype(jnp.float32) / 255.0,
+                  chunk["valid"], noise, top_k, key),
+            jnp.sum(chunk["valid"]).astype(jnp.int32))
+  return sharding.map_chunk(per_chunk, mesh, state, chunk, ids, key)
+
+
+def sums(moes: tuple, batch: dict[str, np.ndarray], noise: tuple[float, ...], top_k: int,
+         key: jax.Array, mesh: jax.sharding.Mesh, micro_batch: int
+         ) -> tuple[list[list[dict[str, np.ndarray]]], int]:
+  """([moe][σ] {statistic: sum over the valid images' units, "units": their count}, the
+  number of valid images) of one batch, on the host (float64 sums).
+
+  The batch runs over every device of `mesh`, `micro_batch` images at a time, each alone on
+  its device (`sharding.chunk_steps`; micro-batch c draws its noise and routing samples
+  from fold_in(key, c)), and the micro-batches' sums are added in order: the same numbers
+  for every mesh.
+
+  Args:
+    moes: MoEs around the same experts, placed on `mesh` (the experts run once per σ).
+    batch: this process's rows of the batch (one process: all), {"image": uint8
+      [b, H, W, 3], "valid": bool [b]} (padding images count nothing).
+  """
+  graphdef, state = nnx.split(sharding.placed_copy(moes, mesh))
+  per_chunk, images = sharding.chunk_order([
+      _chunk_sums(graphdef, state, chunk, ids, noise, top_k, key, mesh)
+      for chunk, ids in sharding.chunk_steps(mesh, micro_batch, batch)])
+  return (jax.tree.map(lambda x: x.astype(np.float64).sum(axis=0), per_chunk),
+          int(images.sum()))
 
 
 def means(totals: list[dict[str, np.ndarray]]) -> dict[str, list[float] | None]:

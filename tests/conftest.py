@@ -52,7 +52,7 @@ def run_main():
 # Bayesian router) go first, so that xdist's workers start them early and finish together
 # instead of one worker taking the smoke pipeline last.
 FIRST = ("test_main.py", "test_num_experts.py", "test_mesh.py", "test_processes.py",
-         "test_devices.py", "test_bayesian_routers.py")
+         "test_bayesian_routers.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -576,7 +576,7 @@ def test_evaluation_of_sampled_routers_compiles_once_and_decomposes_pe(experts,
   rng = np.random.default_rng(0)
   batches = [{"image": rng.integers(0, 255, (2, H, W, 3), np.uint8),
               "label": rng.integers(0, 38, (2, H, W), np.uint8)} for _ in range(3)]
-  compiled = evaluate.batch_statistics.jitted_fn._cache_size
+  compiled = evaluate._chunk_statistics._cache_size
   before = compiled()
   # The fixture's experts hold a whole batch's outputs: one micro-batch of 2 per batch.
   first = evaluate.accumulate(outputs, moes, batches, 38, uncertainty=True, seed=0,
@@ -596,3 +596,24 @@ def test_evaluation_of_sampled_routers_compiles_once_and_decomposes_pe(experts,
   assert float(jnp.max(out["moe_0"]["routing_epistemic"])) == 0.0
   assert float(jnp.max(out["moe_0"]["routing_mutual_information"])) == 0.0
   assert float(jnp.max(out["moe_1"]["routing_epistemic"])) > 0.0
+
+
+def test_routing_stability_counts_only_valid_images_and_is_one_when_the_routing_cannot_move(
+    experts, expert_outputs):
+  """`stability.sums` on fixed expert outputs (noise cannot move the routing): every valid
+  unit agrees at top 1 and has no total variation, at every σ and for every router; the
+  padding image counts nothing."""
+  from moe_jax import sharding, stability
+  moes = tuple(mixture(experts, expert_outputs, "simple", r) for r in ("deterministic", "mfvr"))
+  batch = {"image": np.random.default_rng(0).integers(0, 255, (2, H, W, 3), np.uint8),
+           "valid": np.array([True, False])}
+  sums, images = stability.sums(moes, batch, (0.0, 0.5), 1, jax.random.key(0),
+                                sharding.one_device_mesh(), 2)  # the fixture's batch of 2
+  assert images == 1
+  for per_sigma in sums:
+    assert len(per_sigma) == 2
+    for s in per_sigma:
+      assert s["units"] == 1.0  # one valid image, routed per image
+      assert s["top1_agreement"] == s["jaccard"] == 1.0  # K = 2 > top_k = 1: jaccard
+      assert s["total_variation"] == 0.0
+      assert stability.means([s])["top1_agreement"] == [1.0]

@@ -96,7 +96,7 @@ def test_evaluation_compiles_its_step_once_never_per_batch():
                     jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)))
   batches = [{"image": rng.integers(0, 255, (2, 4, 5, 3), np.uint8),
               "label": rng.integers(0, 3, (2, 4, 5), np.uint8)} for _ in range(4)]
-  compiled = evaluate.batch_statistics.jitted_fn._cache_size
+  compiled = evaluate._chunk_statistics._cache_size
   before = compiled()
   # The fixed model's outputs are a whole batch's: one micro-batch of 2 per batch.
   totals = evaluate.accumulate(_fixed_moe_outputs, model, batches, 3, uncertainty=True,
@@ -124,9 +124,8 @@ def test_one_pixel_extreme_logits_and_an_absent_class_give_finite_numbers_in_ran
   expert_logits = jnp.asarray(logits, dtype)[:, None, None, None, :]  # [K=2,B=1,1,1,C=3]
   model = _FixedMoE(expert_logits, jnp.asarray([[0.5, 0.5]], dtype))
   batch = {"image": np.zeros((1, 1, 1, 3), np.uint8), "label": np.zeros((1, 1, 1), np.uint8)}
-  stats, _ = evaluate.batch_statistics(_fixed_moe_outputs, model, batch, jax.random.key(0), 3,
-                                       True, 0, 1)
-  stats = evaluate.host_sums(stats)
+  stats, _ = evaluate.host_sums(evaluate.batch_statistics(
+      _fixed_moe_outputs, model, batch, jax.random.key(0), 3, True, 0, 1))
   for method, values in stats.items():
     for name, value in values.items():
       assert np.all(np.isfinite(np.asarray(value, np.float64))), (method, name)
@@ -166,9 +165,9 @@ def test_batch_statistics_of_every_method_equal_each_computed_alone(max_vmapped_
                                                  True, 2, subset))()
   else:
     batch = {"image": rng.integers(0, 255, (3, 8, 6, 3), np.uint8), "label": labels}
-    stats, _ = evaluate.batch_statistics(outputs, model, batch, jax.random.key(0), 3, True,
-                                         0, 2, None, None, 3)  # the whole batch at once
-    stats = evaluate.host_sums(stats)
+    stats, _ = evaluate.host_sums(evaluate.batch_statistics(
+        outputs, model, batch, jax.random.key(0), 3, True, 0, 2, None, None,
+        3))  # the whole batch at once
   assert set(stats) == set(out)
   y = jnp.asarray(labels, jnp.int32)
   valid = y < 3

@@ -386,12 +386,13 @@ def _forced(devices: int) -> dict:
                                  f"--xla_force_host_platform_device_count={devices}"])}
 
 
-def _summary_numbers(tree):
+def _entries(tree, path=""):
+  """{path: leaf} of a results.json tree."""
   if isinstance(tree, dict):
-    return [x for key in sorted(tree) for x in _summary_numbers(tree[key])]
+    return {k: v for key in tree for k, v in _entries(tree[key], f"{path}/{key}").items()}
   if isinstance(tree, list):
-    return [x for v in tree for x in _summary_numbers(v)]
-  return [tree]
+    return {k: v for i, x in enumerate(tree) for k, v in _entries(x, f"{path}[{i}]").items()}
+  return {path: tree}
 
 
 @pytest.mark.slow
@@ -400,8 +401,8 @@ def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
     smoke_run, tmp_path):
   """The evaluate stage of the smoke run again, on a forced 4-device mesh in one process,
   then on two processes of 2 devices each (jax.distributed over gloo on localhost; process
-  0 holds the lock and writes): both results.json have every entry of the one-device
-  run's, equal to float rounding (docs/scaling.md)."""
+  0 holds the lock and writes): the two processes' results.json holds the one-device
+  run's numbers bit for bit, the 4-device one all but some of the baseline's (docs/scaling.md)."""
   import shutil
   import socket
   from cli_process import CliRun
@@ -427,15 +428,19 @@ def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
   for i, process in enumerate(runs):
     assert process.wait() == 0, f"process {i}:\n{process.output[-3000:]}"
   assert not (two / "run.lock").exists()
-  one = json.loads((workdir / "results.json").read_text())
+  one = _entries(json.loads((workdir / "results.json").read_text()))
   for copy in (four, two):
-    got = json.loads((copy / "results.json").read_text())
-    a, b = _summary_numbers(one), _summary_numbers(got)
-    assert len(a) == len(b) > 1000
-    assert [x for x in a if not isinstance(x, float)] == \
-        [y for y in b if not isinstance(y, float)]
-    # Float rounding only (docs/scaling.md): the one-device program and the 4-device one
-    # fuse differently, and two processes round some of the baseline's floats otherwise
-    # (cause not isolated);
-    # a pixel crossing a histogram edge moves an FPR@95 by ~1e-4.
-    assert max(abs(x - y) for x, y in zip(a, b) if isinstance(x, float)) <= 1e-3, copy
+    got = _entries(json.loads((copy / "results.json").read_text()))
+    assert got.keys() == one.keys() and len(one) > 1000
+    unequal = {key: (one[key], got[key]) for key in one if one[key] != got[key]}
+    if copy == two:  # two processes: one device's numbers, bit for bit
+      assert not unequal, (len(unequal), list(unequal.items())[:5])
+    else:
+      # 4 devices in one process: every entry equal but some of the baseline's and MC
+      # dropout's (cause not isolated; in-process, tests/test_mesh.py finds them equal):
+      # 561 of 708,510 entries, at most 1.4e-4 apart (docs/scaling.md).
+      assert {key.split("/")[1] for key in unequal} <= {"splits", "ood"}, unequal.keys()
+      methods = {key.split("/")[3 if key.startswith("/splits/") else 2] for key in unequal}
+      assert methods <= {"baseline", "baseline_ts", "mc_dropout_2", "mc_dropout_2_ts"}
+      assert len(unequal) < 1000
+      assert max(abs(a - b) for a, b in unequal.values()) <= 1e-3

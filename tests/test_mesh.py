@@ -1,7 +1,8 @@
 """The device mesh (moe_jax/sharding.py) on 4 forced CPU devices: training steps under the
 meshes (data, expert) = (4, 1), (2, 2), (1, 4) give one device's losses, BatchNorm
-statistics and parameters and compile once; evaluation gives the same statistics on
-every mesh; a checkpoint written under one mesh restores under another."""
+statistics and parameters and compile once; evaluation (an MoE with its experts and
+ensemble, the baseline and MC dropout) gives one device's statistics bit for bit on every
+mesh; a checkpoint written under one mesh restores under another."""
 
 import json
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp, numpy as np
 import ml_collections
 from flax import nnx
 
-from moe_jax import (calibrate, checkpoint, evaluate, losses, methods, metrics, sharding,
+from moe_jax import (calibrate, checkpoint, evaluate, losses, methods, sharding,
                      stages, train)
 from moe_jax.models import build
 
@@ -114,16 +115,23 @@ for shape in [(1, 1), (4, 1), (2, 2), (1, 4)]:
   # calibrate stage's grid values.
   if shape == (1, 1):
     reference = moe
+    dropout = config.copy_and_resolve_references()
+    dropout.model.aspp_dropout = 0.5
+    baseline = build.baseline(dropout)
+    baseline.eval()
   moe.eval()
   placed = sharding.placed_copy((reference,), mesh)
   panels = {}
   totals = evaluate.accumulate(methods.mixtures_with("weighted"), placed, eval_batches, 38,
                                uncertainty=True, panel_images=1, patch_size=4, panels=panels)
-  grid = jax.device_get(calibrate._grid_values(
+  # The baseline and MC dropout (2 passes, their keys folded per micro-batch).
+  totals.update(evaluate.accumulate(methods.single_and_mc_dropout_with((2,)),
+                                    sharding.placed_copy(baseline, mesh), eval_batches, 38,
+                                    uncertainty=True))
+  grid = calibrate.grid_values(
       lambda models, images, key, extras: methods.mixtures_with("weighted")(models, images,
                                                                               key),
-      placed, sharding.put_batch(mesh, eval_batches[0], sharding.EVAL), build.key(0),
-      ("moe_0",), 3, None, None, mesh, 1))
+      placed, eval_batches[0], build.key(0), ("moe_0",), 3, None, None, mesh, 1)
   evaluated[shape] = (totals, panels["maps"], grid)
 
 worst = {}
@@ -135,34 +143,12 @@ for shape, got in trained.items():
                                    for x, y in zip(a, b))
 
 
-def leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def summaries(totals):
-  return [x for method in sorted(totals) for x in _numbers(
-      evaluate.summary(totals[method], metrics.REFERENCE_THRESHOLDS))]
-
-
-def _numbers(tree):
-  if isinstance(tree, dict):
-    return [x for key in sorted(tree) for x in _numbers(tree[key])]
-  if isinstance(tree, (list, tuple)):
-    return [x for v in tree for x in _numbers(v)]
-  return [tree] if isinstance(tree, (int, float)) else []
-
-
 for shape, got in evaluated.items():
-  # The meshes of several devices compile one SPMD program each: identical numbers.
-  for name, a, b in zip(("statistics", "panels", "grid values"), evaluated[(4, 1)], got):
+  for name, a, b in zip(("statistics", "panels", "grid values"), evaluated[(1, 1)], got):
     a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(a) == len(b)
+    assert len(a) == len(b) > 0
     worst[f"{shape} {name} unequal"] = sum(int(np.sum(np.asarray(x) != np.asarray(y)))
                                            for x, y in zip(a, b))
-  # One device: the summaries (results.json's numbers) agree to float rounding.
-  a, b = summaries(evaluated[(1, 1)][0]), summaries(got[0])
-  assert len(a) == len(b) > 100
-  worst[f"{shape} summary"] = max(abs(x - y) for x, y in zip(a, b))
 print(json.dumps(worst))
 
 one = sharding.one_device_mesh()
@@ -202,14 +188,11 @@ def test_train_and_evaluate_under_every_mesh_match_one_device_and_checkpoints_mo
   # bound: a gradient reduced over part of the batch moves them by ~1e-1.
   for shape in ("(2, 2)", "(1, 4)"):
     assert worst[f"{shape} gate params"] <= 2e-3, (shape, worst)
-  # Evaluation: identical statistics, panels and calibration grid values on every mesh of
-  # several devices; one device's program (XLA compiles it without SPMD partitioning)
-  # rounds some floats differently, and results.json's numbers agree to 1e-3 (a pixel
-  # whose uncertainty crosses a histogram edge moves an AUROC by ~1 / pixels).
+  # Evaluation: every mesh gives one device's statistics, panels and calibration grid
+  # values, bit for bit (each micro-batch runs alone through the same program).
   for shape in MESHES:
     for name in ("statistics", "panels", "grid values"):
       assert worst[f"{shape} {name} unequal"] == 0, (shape, name, worst)
-    assert worst[f"{shape} summary"] <= 1e-3, (shape, worst)
   assert lines[-1] == "restored under (1, 1)"
 
 

@@ -59,8 +59,8 @@ with jax.set_mesh(mesh):
   out["loss"] = np.asarray(each.addressable_data(0))
   for i, x in enumerate(jax.tree.leaves(nnx.state(experts, (nnx.Param, nnx.BatchStat)))):
     out[f"state/{i}"] = np.asarray(x.addressable_data(0))  # replicated: a whole copy
-# Evaluation of freshly built (identical) experts: no float is reduced across devices
-# there (`sharding.map_chunks`), so the statistics are bit for bit the same.
+# Evaluation of freshly built (identical) experts: each micro-batch runs alone on its
+# device (`sharding.map_chunk`), so the statistics are bit for bit the same.
 experts = build.experts(config, K)
 experts.eval()
 moe = build.mixture(config, experts, "simple")
