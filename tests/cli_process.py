@@ -13,11 +13,11 @@ class CliRun:
   """`python -m moe_jax.main` in its own process group, its output collected as it comes
   (stdout and stderr together; tqdm's carriage returns end lines)."""
 
-  def __init__(self, args: tuple[str, ...], env: dict):
+  def __init__(self, args: tuple[str, ...], env: dict | None = None):
     self.process = subprocess.Popen(
         [sys.executable, "-m", "moe_jax.main", *args], cwd=Path(__file__).parents[1],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     self.lines: list[str] = []
     self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout))
     self._reader.start()

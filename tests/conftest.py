@@ -3,8 +3,10 @@ command line as a subprocess."""
 
 import os
 from pathlib import Path
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # The tests spend most of their time in XLA compiling small programs. LLVM at -O0 compiles
 # them about a quarter faster (the smoke pipeline: 153 -> 113 s of CPU) and computes the
@@ -12,6 +14,18 @@ import sys
 # the benchmarks keep XLA's default.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
+# The end-to-end tests run the same pipeline in many subprocesses (the smoke fixture, kill and
+# resume, the CLI's error paths, four devices, two processes), and each used to compile every
+# program again. JAX's persistent compilation cache, in a directory of this session only,
+# lets a later process load what an earlier one compiled. The first pytest process (xdist's
+# controller) makes it; the workers and the CLI subprocesses inherit it through the
+# environment. A loaded executable is the one that was compiled, so the numbers are the
+# same; the key holds XLA_FLAGS, so four forced devices never load a one-device program.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_jax-tests-xla-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest
@@ -59,3 +73,8 @@ def pytest_collection_modifyitems(items):
   # In FIRST's order (stable: the rest keep theirs), so the smoke pipeline starts at once.
   items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST
              else len(FIRST))
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+import forced_devices
 from moe_jax import checkpoint, output_files
 from moe_jax.checkpoint import CheckpointError, StageCheckpoints
 
@@ -144,8 +145,7 @@ def test_restore_ignores_the_device_that_wrote_the_checkpoint(tmp_path):
         c.save(1, state)
         print(c._manager.item_metadata(1)["state"].tree["w"].sharding)
   """)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  env = {**forced_devices.env(2), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
   out = subprocess.run([sys.executable, "-c", writer], env=env, cwd=REPO, text=True,
                        capture_output=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]

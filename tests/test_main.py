@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+import forced_devices
+
 BASE_METHODS = {"expert_highway", "expert_urban", "ensemble", "moe_simple", "moe_classwise",
                 "moe_simple_mfvr", "moe_simple_robust_filtered", "baseline", "deep_ensemble",
                 "mc_dropout_2"}
@@ -35,14 +37,10 @@ TRAINED = ("experts", "baseline", "deep_ensemble", "gate_simple", "gate_simple_r
 def smoke_run(tmp_path_factory, run_main):
   """The whole smoke pipeline with a 2-member deep ensemble, run once for the tests below."""
   workdir = tmp_path_factory.mktemp("smoke") / "run"
-  # Compiled programs are cached on disk, so the reruns below skip XLA's compile time.
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-         # every program, however quick to compile (JAX caches those over 1 s by default)
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, workdir=workdir,
-                            env=env)
+  # The reruns below load its compiled programs from the tests' cache (tests/conftest.py).
+  code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, workdir=workdir)
   assert code == 0, err[-3000:]
-  return workdir, out, env
+  return workdir, out
 
 
 def check_calibration(workdir, results):
@@ -76,7 +74,7 @@ def check_calibration(workdir, results):
 
 @pytest.mark.slow
 def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_main):
-  workdir, out, _ = smoke_run
+  workdir, out = smoke_run
   for stage in TRAINED:
     assert f"{stage}: done in" in out
     steps = [p.name for p in (workdir / "checkpoints" / stage).iterdir()]
@@ -162,10 +160,10 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
 
 @pytest.mark.slow
 def test_rerun_skips_finished_stages(smoke_run, run_main):
-  workdir, _, env = smoke_run
+  workdir, _ = smoke_run
   code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
                             "--stages=experts,baseline,deep_ensemble,gate,calibrate",
-                            workdir=workdir, env=env)
+                            workdir=workdir)
   assert code == 0, err[-3000:]
   for stage in TRAINED:
     assert f"{stage}: already finished" in out
@@ -178,9 +176,9 @@ def test_the_same_command_in_a_fresh_workdir_gives_an_identical_results_json(
     smoke_run, run_main, tmp_path):
   """Determinism across processes: data, training and evaluation again from nothing (with
   the first run's compilation cache) give results.json byte for byte."""
-  workdir, _, env = smoke_run
+  workdir, _ = smoke_run
   code, _, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
-                          workdir=tmp_path / "again", env=env)
+                          workdir=tmp_path / "again")
   assert code == 0, err[-3000:]
   assert (tmp_path / "again" / "results.json").read_bytes() == \
       (workdir / "results.json").read_bytes()
@@ -188,10 +186,10 @@ def test_the_same_command_in_a_fresh_workdir_gives_an_identical_results_json(
 
 @pytest.mark.slow
 def test_rerun_with_another_config_is_refused_before_anything_runs(smoke_run, run_main):
-  workdir, _, env = smoke_run
+  workdir, _ = smoke_run
   before = _files(workdir)
   code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
-                            "--config.train.experts.epochs=3", workdir=workdir, env=env)
+                            "--config.train.experts.epochs=3", workdir=workdir)
   assert code != 0 and "experts:" not in out
   assert err.strip().splitlines()[-1].startswith(
       "error: config key train.experts.epochs=3 differs from the run in ")
@@ -233,7 +231,7 @@ def _recomputed_maps(out: dict, num_classes: int, method: str) -> dict:
 def test_restore_predicts_consistent_maps_at_any_size(smoke_run, stage, options, method,
                                                        members):
   import moe_jax
-  workdir, _, _ = smoke_run
+  workdir, _ = smoke_run
   predictor = moe_jax.restore(workdir, stage=stage, **options)
   assert predictor.method == method and predictor.image_size == (32, 48)
   rng = np.random.default_rng(0)
@@ -274,7 +272,7 @@ def test_restore_predicts_consistent_maps_at_any_size(smoke_run, stage, options,
 def test_restore_from_a_stage_dir_and_its_clear_errors(smoke_run, tmp_path):
   import moe_jax
   from moe_jax.checkpoint import CheckpointError
-  workdir, _, _ = smoke_run
+  workdir, _ = smoke_run
   assert moe_jax.restore(workdir / "checkpoints" / "experts").method == "ensemble"
   with pytest.raises(CheckpointError, match="is not a directory"):
     moe_jax.restore(tmp_path / "nothing")
@@ -304,7 +302,7 @@ def test_colab_notebook_restores_the_run_and_draws_the_panel(smoke_run, tmp_path
   run (and no pip install: the package is installed already)."""
   import nbclient
   import nbformat
-  workdir, _, _ = smoke_run
+  workdir, _ = smoke_run
   notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "colab_restore.ipynb",
                            as_version=4)
   parameters = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
@@ -348,26 +346,26 @@ def test_kill_9_ctrl_c_and_sigterm_in_evaluate_and_report_then_the_same_command(
   figures all exist; no temp file or lock is left."""
   from PIL import Image
   from cli_process import CliRun
-  workdir, _, env = smoke_run
+  workdir, _ = smoke_run
   reference = (workdir / "results.json").read_bytes()
   command = ("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, f"--workdir={workdir}")
 
-  run = CliRun(command, env)
+  run = CliRun(command)
   run.kill_when(lambda: _evaluated_a_split(run))
   assert "experts: already finished" in run.output and "calibrate: already fitted" in run.output
 
-  run = CliRun(command, env)
+  run = CliRun(command)
   assert run.signal_when(lambda: "evaluate:" in run.output, signal.SIGINT) == 130, run.output
   assert f"interrupted: nothing half-written was left; the same command resumes ({workdir})" \
       in run.output
   assert _leftovers(workdir) == []
 
-  run = CliRun((*command, "--stages=report"), env)
+  run = CliRun((*command, "--stages=report"))
   assert run.signal_when(_new_figure(workdir / "plots", time.time()), signal.SIGTERM) == 130
   assert "interrupted: nothing half-written was left" in run.output
   assert _leftovers(workdir) == []
 
-  run = CliRun(command, env)
+  run = CliRun(command)
   assert run.wait() == 0, run.output[-3000:]
   for stage in TRAINED:
     assert f"{stage}: already finished" in run.output
@@ -378,12 +376,6 @@ def test_kill_9_ctrl_c_and_sigterm_in_evaluate_and_report_then_the_same_command(
   linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (workdir / "report.md").read_text())
   assert linked and all((workdir / link).is_file() for link in linked)
   assert _leftovers(workdir) == []
-
-
-def _forced(devices: int) -> dict:
-  import os
-  return {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
-                                 f"--xla_force_host_platform_device_count={devices}"])}
 
 
 def _entries(tree, path=""):
@@ -406,7 +398,7 @@ def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
   import shutil
   import socket
   from cli_process import CliRun
-  workdir, _, env = smoke_run
+  workdir, _ = smoke_run
   data = workdir / "data"  # the copies read the run's data (a workdir keeps its paths)
   command = ("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE, "--stages=evaluate",
              f"--config.data.data_dir={data}/a2d2_synthetic",
@@ -417,13 +409,13 @@ def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("plots", "report.md", "data"))
     (copy / "results.json").unlink()
 
-  run = CliRun((*command, f"--workdir={four}"), {**env, **_forced(4)})
+  run = CliRun((*command, f"--workdir={four}"), forced_devices.env(4))
   assert run.wait() == 0, run.output[-3000:]
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   runs = [CliRun((*command, f"--workdir={two}"),
-                 {**env, **_forced(2), "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                 {**forced_devices.env(2), "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
   for i, process in enumerate(runs):
     assert process.wait() == 0, f"process {i}:\n{process.output[-3000:]}"
@@ -436,12 +428,8 @@ def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
     if copy == two:  # two processes: one device's numbers, bit for bit
       assert not unequal, (len(unequal), list(unequal.items())[:5])
     else:
-      # 4 devices in one process: every entry equal but some of the baseline's and MC
-      # dropout's: on XLA CPU a program's numbers depend on its process's device count
-      # (in one process, tests/test_mesh.py finds every mesh equal to one device): 561
-      # of 708,510 entries, at most 1.4e-4 apart (docs/scaling.md).
-      assert {key.split("/")[1] for key in unequal} <= {"splits", "ood"}, unequal.keys()
-      methods = {key.split("/")[3 if key.startswith("/splits/") else 2] for key in unequal}
-      assert methods <= {"baseline", "baseline_ts", "mc_dropout_2", "mc_dropout_2_ts"}
-      assert len(unequal) < 1000
+      # 4 devices in one process: equal to rounding. XLA's CPU compiler compiles for the
+      # process's device count (docs/scaling.md; in one process, tests/test_mesh.py finds
+      # every mesh equal to one device): 561 of 708,510 entries differed on 2026-11-29.
+      assert len(unequal) < len(one) // 100, len(unequal)
       assert max(abs(a - b) for a, b in unequal.values()) <= 1e-3

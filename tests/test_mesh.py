@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-import four_devices
+import forced_devices
 from moe_jax import sharding
 from moe_jax.config_checks import ConfigError
 
@@ -174,7 +174,7 @@ MESHES = ("(4, 1)", "(2, 2)", "(1, 4)")
 
 @pytest.mark.slow
 def test_train_and_evaluate_under_every_mesh_match_one_device_and_checkpoints_move(tmp_path):
-  result = four_devices.run(SCRIPT, str(tmp_path))
+  result = forced_devices.run(SCRIPT, str(tmp_path))
   assert result.returncode == 0, result.stderr[-4000:]
   lines = result.stdout.strip().splitlines()
   assert "(2, 2) param spec P('expert',)" in lines

@@ -1,9 +1,10 @@
-"""The number-of-experts sweep as a user runs it: N = 2 and 8 on the Cityscapes smoke preset,
-killed (-9) while N = 8 trains its experts, then the same command again.
+"""K = 8 end to end, and the number-of-experts sweep as a user runs it.
 
-This is also the K = 8 end-to-end run: the synthetic cities through TFDS's Cityscapes
-builder, eight experts fine-tuned from the shared baseline, both gate types, a Bayesian
-router, calibration, evaluation, routing stability, the gate-weights figure and the report.
+The K = 8 run: the synthetic cities through TFDS's Cityscapes builder, eight experts
+fine-tuned from the baseline, both gate types, a Bayesian router, calibration, evaluation,
+routing stability, the gate-weights figure and the report. The sweep (`long`: it runs N = 2
+and N = 8, about 5 minutes): killed (-9) while N = 8 trains its experts, then the same
+command again.
 """
 
 import json
@@ -18,8 +19,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The smoke preset without corruptions and without the robust gate (neither depends on K).
-ARGS = ("--config", "configs/cityscapes.py:smoke", "--experts", "2,8", "--seeds", "0",
-        "--config.eval.corruptions=()", "--config.train.gate_objectives=('erm',)")
+SMALLER = ("--config.eval.corruptions=()", "--config.train.gate_objectives=('erm',)")
+ARGS = ("--config", "configs/cityscapes.py:smoke", "--experts", "2,8", "--seeds", "0", *SMALLER)
 
 
 def _sweep(workdir: Path, *args: str, kill_when=None) -> tuple[int, str]:
@@ -40,7 +41,29 @@ def _sweep(workdir: Path, *args: str, kill_when=None) -> tuple[int, str]:
     return process.returncode, log.read()
 
 
+def check_eight_experts(run: Path) -> None:
+  """The K = 8 run's results, report and figure (the sweep's N = 8 run, or one alone)."""
+  results = json.loads((run / "results.json").read_text())
+  assert results["experts"] == [f"group{k}" for k in range(8)]
+  ood = results["ood"]["moe_simple"]
+  assert {"gate_entropy", "predictive_entropy", "expert_variance"} <= set(ood)
+  assert len(results["calibration"]["expert_temperatures"]) == 8
+  assert {"moe_simple", "moe_classwise", "moe_simple_mfvr"} <= set(results["splits"]["test_id"])
+  report = (run / "report.md").read_text()
+  assert all(f"expert_group{k}" in report for k in range(8))
+  assert (run / "plots" / "gate_weights.png").is_file()
+
+
 @pytest.mark.slow
+def test_eight_experts_end_to_end(tmp_path, run_main):
+  code, out, err = run_main("--config=configs/cityscapes.py:smoke,experts=8", *SMALLER,
+                            workdir=tmp_path / "run")
+  assert code == 0, err[-3000:]
+  check_eight_experts(tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.long
 def test_sweep_resumes_after_an_interrupted_n_and_runs_eight_experts_end_to_end(tmp_path):
   workdir = tmp_path / "sweep"
   experts8 = workdir / "experts8_seed0"
@@ -59,15 +82,7 @@ def test_sweep_resumes_after_an_interrupted_n_and_runs_eight_experts_end_to_end(
   assert "baseline: already finished" in out and "baseline: done" not in out
   assert (experts8 / "checkpoints" / "baseline").is_symlink()
 
-  results = json.loads((experts8 / "results.json").read_text())
-  assert results["experts"] == [f"group{k}" for k in range(8)]
-  ood = results["ood"]["moe_simple"]
-  assert {"gate_entropy", "predictive_entropy", "expert_variance"} <= set(ood)
-  assert len(results["calibration"]["expert_temperatures"]) == 8
-  assert {"moe_simple", "moe_classwise", "moe_simple_mfvr"} <= set(results["splits"]["test_id"])
-  report = (experts8 / "report.md").read_text()
-  assert all(f"expert_group{k}" in report for k in range(8))
-  assert (experts8 / "plots" / "gate_weights.png").is_file()
+  check_eight_experts(experts8)
 
   sweep = json.loads((workdir / "sweep.json").read_text())
   assert sweep["experts"] == [2, 8] and sweep["seeds"] == [0]

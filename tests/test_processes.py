@@ -1,8 +1,11 @@
 """Two real processes on this machine join JAX's distributed runtime (localhost, CPU
 collectives over gloo, 2 forced devices each) and train and evaluate on one 4-device mesh,
-each feeding its own rows of every batch: the same numbers as one process with 4 devices."""
+each feeding its own rows of every batch: the same numbers as one process.
 
-import os
+The one process has 2 devices, as each of the two does: XLA's CPU compiler reads the
+process's device count (it sets how many parallel parts a loop is split into), and a
+process with 4 devices rounds some evaluation numbers differently (docs/scaling.md)."""
+
 from pathlib import Path
 import socket
 import subprocess
@@ -10,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import forced_devices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +28,8 @@ from flax import nnx
 from moe_jax import evaluate, losses, methods, stages, train
 from moe_jax.models import build
 
-assert jax.device_count() == 4 and jax.process_count() == (2 if several else 1)
+assert jax.device_count() == (4 if several else 2)
+assert jax.process_count() == (2 if several else 1)
 spec = importlib.util.spec_from_file_location("a2d2_config", "configs/a2d2.py")
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
@@ -42,7 +48,7 @@ eval_batches = [{"image": rng.integers(0, 255, (B, h, w, 3), np.uint8),
 index, count = sharding.process_rows()
 rows = slice(index * B // count, (index + 1) * B // count)  # this process's rows
 
-mesh = sharding.make_mesh(config)  # (data, expert) = (4, 1) over both processes
+mesh = sharding.make_mesh(config)  # (data, expert): (4, 1) over both processes, or (2, 1)
 out = {}
 with jax.set_mesh(mesh):
   experts = build.experts(config, K)
@@ -85,9 +91,7 @@ def _free_port() -> int:
 
 
 def _run(script_args, devices, extra_env=None):
-  env = {**os.environ, **(extra_env or {}),
-         "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
-                                f"--xla_force_host_platform_device_count={devices}"])}
+  env = {**forced_devices.env(devices), **(extra_env or {})}
   return subprocess.Popen([sys.executable, "-c", SCRIPT, *script_args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -102,17 +106,18 @@ def test_two_processes_train_and_evaluate_as_one_process(tmp_path):
   for i, process in enumerate(processes):
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, f"process {i}: {err[-3000:]}"
-  one = _run([str(tmp_path / "one.npz")], 4)
+  one = _run([str(tmp_path / "one.npz")], 2)
   _, err = one.communicate(timeout=600)
   assert one.returncode == 0, err[-3000:]
   two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
   assert sorted(two.files) == sorted(one.files) and len(one.files) > 50
-  # Training: the gradients' and BatchNorm's all-reduce runs over gloo between the
-  # processes and in memory within one, summing in another order: equal to rounding.
+  # Training: the gradients' and BatchNorm's all-reduce runs over gloo between the processes
+  # and in memory within one, summing in another order: equal to rounding (measured 1.0e-6;
+  # the issue's bound is 1e-5).
   worst = max(float(np.max(np.abs(two[n] - one[n]) / (1 + np.abs(one[n]))))
               for n in one.files if not n.startswith("eval/"))
   print("training, worst |two - one| / (1 + |one|):", worst)
-  assert worst <= 1e-6
+  assert worst <= 1e-5
   # Evaluation: every statistic identical.
   for name in one.files:
     if name.startswith("eval/"):

@@ -39,25 +39,24 @@ def test_kill_9_at_four_points_then_the_same_command_resumes_and_matches(tmp_pat
   written, once the gate's first checkpoint (step 4 of 8) is complete, and while the
   gate's last one is written: each rerun resumes from the last complete checkpoint, and
   the final weights equal an uninterrupted run's bit for bit."""
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}  # compiled once
   reference, workdir = tmp_path / "reference", tmp_path / "preempted"
-  run = CliRun((f"--workdir={reference}", *ARGS), env)
+  run = CliRun((f"--workdir={reference}", *ARGS))
   assert run.wait() == 0, run.output[-3000:]
   args = (f"--workdir={workdir}", *ARGS)
   checkpoints = workdir / "checkpoints"
-  CliRun(args, env).kill_when(lambda: (workdir / "data" / "tfds").is_dir())
-  CliRun(args, env).kill_when(_writing(checkpoints / "experts", 4))
+  CliRun(args).kill_when(lambda: (workdir / "data" / "tfds").is_dir())
+  CliRun(args).kill_when(_writing(checkpoints / "experts", 4))
   assert (checkpoints / "experts" / "2").is_dir() and not (checkpoints / "experts" / "4").exists()
-  run = CliRun(args, env)
+  run = CliRun(args)
   run.kill_when(lambda: (checkpoints / "gate_simple" / "4").is_dir())
   assert "experts: resuming from the checkpoint at step 2 of 4" in run.output
   assert "4.orbax-checkpoint-tmp" in run.output and "a checkpoint whose write never " \
       "finished (the run stopped while saving it); the steps before it are used" in run.output
-  run = CliRun(args, env)
+  run = CliRun(args)
   run.kill_when(_writing(checkpoints / "gate_simple", 8))
   assert "experts: already finished" in run.output
   assert "gate_simple: resuming from the checkpoint at step 4 of 8" in run.output
-  run = CliRun(args, env)
+  run = CliRun(args)
   assert run.wait() == 0, run.output[-3000:]
   assert "gate_simple: resuming from the checkpoint at step 4 of 8" in run.output
   assert "8.orbax-checkpoint-tmp" in run.output

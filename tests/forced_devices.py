@@ -1,0 +1,39 @@
+"""Subprocesses with N forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N):
+their environment, and a test script run on 4 of them with the smoke config as `config`."""
+
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+PREAMBLE = r'''
+import importlib.util
+import jax
+assert jax.device_count() == 4, jax.devices()
+_spec = importlib.util.spec_from_file_location("a2d2_config", "configs/a2d2.py")
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+config = _module.get_config("smoke")
+'''
+
+
+def env(devices: int) -> dict[str, str]:
+  """This process's environment for a subprocess with `devices` forced CPU devices.
+
+  JAX's compilation-cache key leaves out the forced device count, and on XLA CPU a program's
+  numbers can depend on its process's device count (docs/scaling.md), so each count gets its
+  own directory of the tests' compilation cache (tests/conftest.py).
+  """
+  flags = " ".join([os.environ.get("XLA_FLAGS", ""),
+                    f"--xla_force_host_platform_device_count={devices}"])
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  return {**os.environ, "XLA_FLAGS": flags,
+          **({"JAX_COMPILATION_CACHE_DIR": os.path.join(cache, f"devices{devices}")}
+             if cache else {})}
+
+
+def run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+  """`script` after PREAMBLE, in the repository root, with `args` as sys.argv[1:]."""
+  return subprocess.run([sys.executable, "-c", PREAMBLE + script, *args],
+                        cwd=Path(__file__).resolve().parents[1], env=env(4),
+                        capture_output=True, text=True, timeout=timeout)
