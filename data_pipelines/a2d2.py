@@ -432,9 +432,10 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
     seed: shuffling and flip seed.
     split_dir, tfds_dir: see `prepare`.
     shuffle_buffer: frames in the shuffle buffer (encoded bytes).
-    start: training only: index of the first frame of the endless stream (resume).
+    start: the index of the first frame: training skips to it (resume); an evaluation pass
+      numbers its frames from it (for `process`).
     drop_remainder: default True when training, False otherwise.
-    process: this process's rows of each global training batch (`transforms.stream`).
+    process: this process's rows of each global batch (`transforms.stream`).
 
   Returns:
     Dataset of {"image": uint8 [B,H,W,3], "label": uint8 [B,H,W] (class ids, 255 ignore),

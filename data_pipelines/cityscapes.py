@@ -149,9 +149,10 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
       (~/tensorflow_datasets or $TFDS_DATA_DIR).
     shuffle_buffer: examples in the shuffle buffer. An example is ~2.2 MB of PNG bytes
       (11 GB / 5000 frames), so the default holds ~0.6 GB.
-    start: training only: index of the first frame of the endless stream (resume).
+    start: the index of the first frame: training skips to it (resume); an evaluation pass
+      numbers its frames from it (for `process`).
     drop_remainder: override the default (True for training, False otherwise).
-    process: this process's rows of each global training batch (`transforms.stream`).
+    process: this process's rows of each global batch (`transforms.stream`).
 
   Returns:
     Dataset of {"image": uint8 [B,H,W,3], "label": uint8 [B,H,W] trainIds or 255,

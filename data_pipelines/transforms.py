@@ -108,14 +108,14 @@ def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: 
     train: shuffle + repeat + flip, and drop the last partial batch by default.
     seed: seed for shuffling and flips.
     shuffle_buffer: elements in the shuffle buffer (compressed bytes, so it is cheap).
-    start: training only: index of the first element (e.g. step x batch size on resume).
+    start: the index of the first element: training skips to it (e.g. step x batch size
+      on resume); an evaluation pass only numbers its elements from it (for `process`).
     drop_remainder: override the default (True for training, False otherwise).
     label_map: see `decode_example`.
-    process: (index, count) of this process among `count` reading one stream together
-      (training): it keeps rows index * batch_size .. (index + 1) * batch_size of every
-      global batch of batch_size * count elements, and decodes only those; the union of
-      the processes' batches is exactly the one-process stream's (`start` counts global
-      elements).
+    process: (index, count) of this process among `count` reading one stream together:
+      it keeps rows index * batch_size .. (index + 1) * batch_size of every global batch
+      of batch_size * count elements, and decodes only those; the union of the processes'
+      batches is exactly the one-process stream's (`start` counts global elements).
 
   Returns:
     Dataset of {"image": uint8 [B,h,w,3], "label": uint8 [B,h,w], "domain": int32 [B],
@@ -130,14 +130,9 @@ def stream(examples: tf.data.Dataset, *, image_size: Sequence[int], batch_size: 
     examples = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
         lambda epoch: one_epoch.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch))
     examples = examples.skip(offset)
-  elif start:
-    raise ValueError("start is for training streams; evaluation streams always start at 0")
   examples = examples.enumerate(start=start)
   index, count = process
   if count > 1:
-    if not train:
-      raise ValueError("process slicing is for training streams; evaluation slices its "
-                       "padded batches (moe_jax.input_pipeline.eval_batches)")
     examples = examples.filter(
         lambda i, _: (i % (batch_size * count)) // batch_size == index)
 

@@ -7,7 +7,6 @@ reading data does (`prepare`, `dataset`, `num_examples` and the batch iterators)
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -51,9 +50,9 @@ def dataset(data: ml_collections.ConfigDict, split: str, *, batch_size: int, tra
             seed: int, start: int = 0, process: tuple[int, int] = (0, 1)):
   """Batches of `split` as a tf.data.Dataset (see data_pipelines.registry.Dataset.dataset).
 
-  `start` (training only) is the index of the first frame of the endless stream;
-  `process` (training only): (index, count), this process's rows of each global batch of
-  batch_size * count frames.
+  `start` is the index of the first frame (training skips to it; an evaluation pass numbers
+  its frames from it); `process`: (index, count), this process's rows of each global batch
+  of batch_size * count frames, counted from `start`.
   """
   several = {"process": process} if process[1] > 1 else {}
   return registry.get(data.name).dataset(data, split, batch_size=batch_size, train=train,
@@ -129,36 +128,58 @@ def eval_batches(data: ml_collections.ConfigDict, split: str, *, batch_size: int
       `data_pipelines.corruptions.corrupt` at the model's input size, frame i of the pass
       seeded with i (deterministic).
     process: (index, count): yield only this process's rows index * b .. (index + 1) * b
-      of each (padded) batch, b = batch_size / count; every process yields as many batches.
-      (Every process decodes every frame: evaluation reads far less than training.)
+      of each (padded) batch, b = batch_size / count; every process yields as many
+      batches, and decodes only its own frames.
 
   Yields:
     {"image": uint8 [b, H, W, 3], "label": uint8 [b, H, W]}.
   """
-  index, count = process
-  rows = slice(index * batch_size // count, (index + 1) * batch_size // count)
-  frames = _frames(data, split, frames_per_part, batch_size)
+  parts = split_parts(data, split)
+  sizes = [num_examples(data, part) for part in parts]
+  sizes = [min(size, frames_per_part) if frames_per_part else size for size in sizes]
+  frames = _frames(data, parts, sizes, batch_size, process)
   if corruption is not None:
     name, severity = corruption
-    frames = ((corruptions.corrupt(image, name, severity, seed=i), label)
-              for i, (image, label) in enumerate(frames))
-  while chunk := list(itertools.islice(frames, batch_size)):
-    images, labels = (np.stack(column) for column in zip(*chunk))
-    pad = batch_size - len(chunk)
-    yield {"image": np.pad(images, [(0, pad), (0, 0), (0, 0), (0, 0)])[rows],
-           "label": np.pad(labels, [(0, pad), (0, 0), (0, 0)],
-                           constant_values=IGNORE_LABEL)[rows]}
+    frames = ((i, corruptions.corrupt(image, name, severity, seed=i), label)
+              for i, image, label in frames)
+  rows = batch_size // process[1]
+  h, w = data.image_size
+  pending = next(frames, None)
+  for k in range(-(-sum(sizes) // batch_size)):  # global batch k: frames k * B .. k * B + B - 1
+    batch = {"image": np.zeros((rows, h, w, 3), np.uint8),  # padding: black, ignored
+             "label": np.full((rows, h, w), IGNORE_LABEL, np.uint8)}
+    row = 0
+    while pending is not None and pending[0] // batch_size == k:
+      _, batch["image"][row], batch["label"][row] = pending
+      row, pending = row + 1, next(frames, None)
+    yield batch
 
 
-def _frames(data: ml_collections.ConfigDict, split: str, frames_per_part: int,
-            read_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(image uint8 [H,W,3], label uint8 [H,W]) of each part of `split` in order, at most
-  `frames_per_part` of each (0 = all)."""
-  for part in split_parts(data, split):
-    batches = dataset(data, part, batch_size=read_size, train=False, seed=0).as_numpy_iterator()
+def _frames(data: ml_collections.ConfigDict, parts: Sequence[str], sizes: Sequence[int],
+            batch_size: int, process: tuple[int, int]
+            ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+  """(i, image uint8 [H,W,3], label uint8 [H,W]) of this process's frames: the first
+  sizes[j] frames of each part in order, i a frame's index in that whole pass, and a
+  process's frames its rows of each global batch of `batch_size` (see `eval_batches`)."""
+  index, count = process
+  rows = batch_size // count
+  start = 0
+  for part, size in zip(parts, sizes, strict=True):
+    mine = [i for i in range(start, start + size) if (i % batch_size) // rows == index]
+    batches = dataset(data, part, batch_size=rows, train=False, seed=0,
+                      start=start if count > 1 else 0, process=process).as_numpy_iterator()
     frames = ((image, label) for batch in batches
               for image, label in zip(batch["image"], batch["label"]))
-    yield from itertools.islice(frames, frames_per_part or None)
+    read = 0
+    for i, (image, label) in zip(mine, frames):
+      read += 1
+      yield i, image, label
+    if read < len(mine):
+      raise DataError(f"split {part} of {data.data_dir} has fewer frames than the "
+                      f"{num_examples(data, part)} its metadata counts; delete the prepared "
+                      "TFDS files (config key data.tfds_dir) so the data stage writes them "
+                      "again.")
+    start += size
 
 
 def workdir_path(workdir: str | os.PathLike) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipelines import corruptions
+from data_pipelines import DataError, corruptions
 from moe_jax import input_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -49,7 +49,7 @@ def test_cityscapes_config_bad_argument(arg):
     load_config("cityscapes", arg)
 
 
-def test_eval_batches_pad_limit_parts_and_corrupt_deterministically(tmp_path):
+def test_eval_batches_pad_limit_parts_and_corrupt_deterministically(tmp_path, monkeypatch):
   config = load_config("a2d2", "smoke")
   input_pipeline.resolve_paths(config.data, tmp_path)
   input_pipeline.prepare(config.data)
@@ -77,6 +77,14 @@ def test_eval_batches_pad_limit_parts_and_corrupt_deterministically(tmp_path):
     np.testing.assert_array_equal(corrupted,
                                   corruptions.corrupt(clean, "gaussian_noise", 3, seed=i))
   assert not np.array_equal(noisy[0] - first[0], noisy[1] - first[1])
+  # A split that yields fewer frames than its metadata counts is one clear error, not
+  # silently padded batches.
+  counted = input_pipeline.num_examples
+  with monkeypatch.context() as patch:
+    patch.setattr(input_pipeline, "num_examples", lambda data, split: counted(data, split) + 1)
+    with pytest.raises(DataError, match="split highway_test of .* has fewer frames than the 5 "
+                                        "its metadata counts; delete the prepared TFDS files"):
+      frames("highway_test")
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -106,11 +114,26 @@ def test_each_process_reads_its_rows_and_together_they_read_the_one_process_batc
         np.testing.assert_array_equal(
             np.concatenate([part[step][key] for part in parts], axis=1), batch[key])
 
-  whole = list(input_pipeline.eval_batches(data, "all_test", batch_size=B, frames_per_part=3))
-  parts = [list(input_pipeline.eval_batches(data, "all_test", batch_size=B, frames_per_part=3,
-                                            process=(p, count))) for p in range(count)]
-  assert len(whole) == 2 and all(len(part) == 2 for part in parts)  # 6 frames, 2 padded
+  # 3 frames of each part: 6 frames, the second batch 2 frames and 2 padded rows (with 2
+  # processes, all of process 1's rows), and corrupted frames seeded by their place.
+  options = dict(batch_size=B, frames_per_part=3, corruption=("gaussian_noise", 3))
+  whole = list(input_pipeline.eval_batches(data, "all_test", **options))
+  parts = [list(input_pipeline.eval_batches(data, "all_test", **options, process=(p, count)))
+           for p in range(count)]
+  assert len(whole) == 2 and all(len(part) == 2 for part in parts)
+  assert np.all(whole[1]["label"][2:] == input_pipeline.IGNORE_LABEL)
   for i, batch in enumerate(whole):
     for key in ("image", "label"):
       np.testing.assert_array_equal(np.concatenate([part[i][key] for part in parts]),
                                     batch[key])
+  # A process's evaluation stream holds its own frames only (so it decodes only those),
+  # numbered from `start`, the part's first frame in the whole pass.
+  def frames(**options):
+    return [f for batch in input_pipeline.dataset(data, "urban_test", train=False, seed=0,
+                                                  **options).as_numpy_iterator()
+            for f in batch["frame"]]
+
+  one, b = frames(batch_size=B), B // count
+  for p in range(count):
+    expected = [f for i, f in enumerate(one, start=3) if (i % B) // b == p]
+    assert frames(batch_size=b, start=3, process=(p, count)) == expected
