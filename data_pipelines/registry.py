@@ -43,8 +43,9 @@ class Dataset(Protocol):
     int32 [B], "frame": string [B]} of `split` at `data.image_size`. Training streams are
     shuffled by `seed`, flipped and endless, starting at frame `start` (resume); otherwise
     one ordered pass. process=(index, count): this process's rows of each global batch,
-    frames numbered from `start` (`data_pipelines.transforms.stream`); passed only when
-    several processes run, so a dataset without it still serves one process."""
+    frames numbered from `start`, in training and in evaluation alike
+    (`data_pipelines.transforms.stream` does both); passed only when several processes
+    run, so a dataset without it still serves one process."""
 
   def class_names(self, data: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The names of the C classes, in class-id order."""

@@ -134,6 +134,9 @@ def eval_batches(data: ml_collections.ConfigDict, split: str, *, batch_size: int
   Yields:
     {"image": uint8 [b, H, W, 3], "label": uint8 [b, H, W]}.
   """
+  if batch_size % process[1]:
+    raise ValueError(f"an evaluation batch of {batch_size} does not split over "
+                     f"{process[1]} processes")
   parts = split_parts(data, split)
   sizes = [num_examples(data, part) for part in parts]
   sizes = [min(size, frames_per_part) if frames_per_part else size for size in sizes]

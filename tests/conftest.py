@@ -21,7 +21,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 # lets a later process load what an earlier one compiled. The first pytest process (xdist's
 # controller) makes it; the workers and the CLI subprocesses inherit it through the
 # environment. A loaded executable is the one that was compiled, so the numbers are the
-# same; the key holds XLA_FLAGS, so four forced devices never load a one-device program.
+# same. The key leaves out the forced device count, which the compiled program depends on,
+# so subprocesses with forced devices get a directory per count (tests/forced_devices.py).
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_jax-tests-xla-")

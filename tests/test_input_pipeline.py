@@ -126,6 +126,8 @@ def test_each_process_reads_its_rows_and_together_they_read_the_one_process_batc
     for key in ("image", "label"):
       np.testing.assert_array_equal(np.concatenate([part[i][key] for part in parts]),
                                     batch[key])
+  with pytest.raises(ValueError, match="an evaluation batch of 3 does not split over 2"):
+    next(input_pipeline.eval_batches(data, "all_test", batch_size=3, process=(0, 2)))
   # A process's evaluation stream holds its own frames only (so it decodes only those),
   # numbered from `start`, the part's first frame in the whole pass.
   def frames(**options):
