@@ -185,7 +185,7 @@ def check_eval_batch(batch_size: int, micro_batch: int, mesh: Mesh) -> None:
 # some floats differently. Without it both pipelines give one device's program (measured
 # on CPU, jax 0.10: tests/test_mesh.py); later passes still remove what it would have.
 # (On CPU a program's numbers also depend on how many devices its process has: XLA's CPU
-# compiler splits loops into as many parallel parts; docs/scaling.md.)
+# compiler sets its loops' parallel partitions from that count; docs/scaling.md.)
 SAME_ON_EVERY_MESH = {"xla_disable_hlo_passes": "spmd-cleanup"}
 
 
