@@ -1,8 +1,10 @@
 """Subprocesses with N forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N):
-their environment, and a test script run on 4 of them with the smoke config as `config`."""
+their environment, a free port for several of them to join jax.distributed on localhost,
+and a test script run on 4 devices with the smoke config as `config`."""
 
 import os
 from pathlib import Path
+import socket
 import subprocess
 import sys
 
@@ -30,6 +32,13 @@ def env(devices: int) -> dict[str, str]:
   return {**os.environ, "XLA_FLAGS": flags,
           **({"JAX_COMPILATION_CACHE_DIR": os.path.join(cache, f"devices{devices}")}
              if cache else {})}
+
+
+def free_port() -> int:
+  """A localhost port no one listens on (for JAX_COORDINATOR_ADDRESS)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
 def run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ process's device count (it sets how many parallel parts a loop is split into), a
 process with 4 devices rounds some evaluation numbers differently (docs/scaling.md)."""
 
 from pathlib import Path
-import socket
 import subprocess
 import sys
 
@@ -84,12 +83,6 @@ print("process", index, "of", count, "done")
 '''
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _run(script_args, devices, extra_env=None):
   env = {**forced_devices.env(devices), **(extra_env or {})}
   return subprocess.Popen([sys.executable, "-c", SCRIPT, *script_args], cwd=REPO, env=env,
@@ -98,7 +91,7 @@ def _run(script_args, devices, extra_env=None):
 
 @pytest.mark.slow
 def test_two_processes_train_and_evaluate_as_one_process(tmp_path):
-  port = _free_port()
+  port = forced_devices.free_port()
   # One process at a time on this 2-core machine: first the two together, then the one.
   processes = [_run([str(tmp_path / "two.npz")], 2,
                     {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
