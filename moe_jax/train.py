@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from clu import metric_writers
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -208,6 +207,7 @@ def fit(trainees: Sequence[Trainee], *, batches: Callable[[int], Iterator[dict]]
     models = tuple(t.model for t, _ in active)
     optimizers = tuple(t.optimizer for t, _ in active)
     loss_fns = tuple(t.loss_fn for t, _ in active)
+    from clu import metric_writers  # TensorFlow (~3 s): a command line error stays quick
     writers = [metric_writers.create_default_writer(
         str(Path(workdir) / "tensorboard" / name), just_logging=jax.process_index() > 0)
         for name in names]

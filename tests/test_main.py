@@ -159,18 +159,6 @@ def test_smoke_pipeline_trains_every_stage_and_writes_results(smoke_run, run_mai
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages(smoke_run, run_main):
-  workdir, _ = smoke_run
-  code, out, err = run_main("--config=configs/a2d2.py:smoke", *DEEP_ENSEMBLE,
-                            "--stages=experts,baseline,deep_ensemble,gate,calibrate",
-                            workdir=workdir)
-  assert code == 0, err[-3000:]
-  for stage in TRAINED:
-    assert f"{stage}: already finished" in out
-  assert "calibrate: already fitted" in out
-
-
-@pytest.mark.slow
 @pytest.mark.long
 def test_the_same_command_in_a_fresh_workdir_gives_an_identical_results_json(
     smoke_run, run_main, tmp_path):
