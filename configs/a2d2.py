@@ -62,7 +62,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # The paper's experts: DeepLabv3+ on ResNet-101 at output stride 16.
   config.model = ml_collections.ConfigDict()
-  config.model.backbone = "resnet101"       # resnet18 | resnet34 | resnet50 | resnet101
+  config.model.backbone = "resnet101"       # resnet10 | 18 | 34 | 50 | 101
   config.model.width = 1.0                  # channel multiplier of the backbone
   # torchvision ResNet ImageNet weights (.pth or .safetensors) the experts, the baseline and
   # the deep ensemble start from ("" = random init); docs/backbone_weights.md says where to
@@ -177,7 +177,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # the demo's small experts is as much as the experts themselves at S = 16
     # (docs/bayesian_routing.md#cost).
     config.eval.routing_samples = 2 if small else 4
-    config.model.backbone = "resnet18"
+    # The smoke run is mostly compilation: one block per stage compiles faster.
+    config.model.backbone = "resnet10" if small else "resnet18"
     config.model.width = 0.125 if small else 0.5
     config.model.aspp_channels = 16 if small else 64
     # The demo runs longer than it compiles, so "unroll" (faster on CPU); the smoke run is

@@ -13,7 +13,7 @@ from moe_jax import measures, methods, uncertainty
 from moe_jax.models import moe, routers
 from moe_jax.models.deeplab import DeepLabV3Plus
 
-SMALL = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.125, aspp_channels=8,
+SMALL = ml_collections.ConfigDict(dict(backbone="resnet10", width=0.125, aspp_channels=8,
                                        aspp_dropout=0.5, decoder_dropout=0.5))
 IMAGES = jnp.asarray(np.random.default_rng(0).random((2, 32, 48, 3)), jnp.float32)
 
@@ -81,7 +81,7 @@ def check_mixture_output(out, forward, gate, members):
 
 
 def test_mc_dropout_shared_encoder_equals_full_passes_and_passes_differ():
-  model = DeepLabV3Plus(4, backbone="resnet18", width=0.125, aspp_channels=8, aspp_dropout=0.5,
+  model = DeepLabV3Plus(4, backbone="resnet10", width=0.125, aspp_channels=8, aspp_dropout=0.5,
                         decoder_dropout=0.5, rngs=nnx.Rngs(0))
   model.eval()
   # threefry: its draws under vmap equal per-key draws, so the vmapped passes

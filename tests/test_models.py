@@ -9,7 +9,7 @@ from flax import nnx
 
 from moe_jax.models import backbone, deeplab, moe, routers
 
-SMALL = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aspp_channels=16,
+SMALL = ml_collections.ConfigDict(dict(backbone="resnet10", width=0.25, aspp_channels=16,
                                        aspp_dropout=0.1, decoder_dropout=0.0))
 C, H, W = 5, 32, 48
 

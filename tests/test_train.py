@@ -12,7 +12,7 @@ from flax import nnx
 from moe_jax import losses, stages, train
 from moe_jax.models import moe
 
-SMALL = ml_collections.ConfigDict(dict(backbone="resnet18", width=0.25, aspp_channels=16,
+SMALL = ml_collections.ConfigDict(dict(backbone="resnet10", width=0.25, aspp_channels=16,
                                        aspp_dropout=0.1, decoder_dropout=0.0))
 OPT = ml_collections.ConfigDict(dict(name="adamw", learning_rate=3e-3, momentum=0.9,
                                      weight_decay=0.0, schedule="constant"))
