@@ -186,7 +186,9 @@ def routing_decomposition(probs: jax.Array, weights: jax.Array) -> dict[str, jax
       "expert_disagreement"  mean_r [H(q_r) − Σ_k g^(r)_k H(p_k)]  (≥ 0)
       "aleatoric"            Σ_k ḡ_k H(p_k)
     The last three sum to "total" (to rounding; a rounding-negative part is clipped to 0).
-    Samples are mixed one at a time (lax.map), so memory holds one mixture, not R.
+    Samples are mixed one at a time (lax.map), so memory holds one mixture, not R. With
+    R = 1 (a deterministic router) q_1 is p̄: H(q_1) is H(p̄) itself, so "routing_epistemic"
+    is exactly 0 (recomputed, it would be rounding noise that depends on the compiler).
   """
   probs = probs.astype(jnp.float32)
   weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32),
@@ -195,7 +197,8 @@ def routing_decomposition(probs: jax.Array, weights: jax.Array) -> dict[str, jax
   mix = lambda w: sum_members(w[..., None] * probs)
   total = entropy(mix(mean_weights))
   aleatoric = sum_members(mean_weights * entropy(probs))
-  sample_entropy = jnp.mean(jax.lax.map(lambda w: entropy(mix(w)), weights), axis=0)
+  sample_entropy = (total if weights.shape[0] == 1 else
+                    jnp.mean(jax.lax.map(lambda w: entropy(mix(w)), weights), axis=0))
   return {"total": total,
           "routing_epistemic": jnp.maximum(total - sample_entropy, 0.0),
           "expert_disagreement": jnp.maximum(sample_entropy - aleatoric, 0.0),

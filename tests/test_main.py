@@ -379,10 +379,13 @@ def _entries(tree, path=""):
 @pytest.mark.long  # 6 min: three evaluate runs; the default suite is over its time budget
 def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
     smoke_run, tmp_path):
-  """The evaluate stage of the smoke run again, on a forced 4-device mesh in one process,
-  then on two processes of 2 devices each (jax.distributed over gloo on localhost; process
-  0 holds the lock and writes): the two processes' results.json holds the one-device
-  run's numbers bit for bit, the 4-device one equal to rounding (docs/scaling.md)."""
+  """The evaluate stage of the smoke run again, on one device, on a forced 4-device mesh in
+  one process, then on two processes of 2 devices each (jax.distributed over gloo on
+  localhost; process 0 holds the lock and writes), all three with XLA's default code
+  generation (forced_devices.default_codegen): the two processes' results.json holds the
+  one-device run's numbers bit for bit, the 4-device one equal to rounding
+  (docs/scaling.md)."""
+  import os
   import shutil
   from cli_process import CliRun
   workdir, _ = smoke_run
@@ -391,21 +394,23 @@ def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
              f"--config.data.data_dir={data}/a2d2_synthetic",
              f"--config.data.split_dir={data}/a2d2_synthetic/splits",
              f"--config.data.tfds_dir={data}/tfds")
-  four, two = tmp_path / "four", tmp_path / "two"
-  for copy in (four, two):
+  reference, four, two = tmp_path / "one", tmp_path / "four", tmp_path / "two"
+  for copy in (reference, four, two):
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("plots", "report.md", "data"))
     (copy / "results.json").unlink()
 
-  run = CliRun((*command, f"--workdir={four}"), forced_devices.env(4))
-  assert run.wait() == 0, run.output[-3000:]
+  for copy, env in ((reference, dict(os.environ)), (four, forced_devices.env(4))):
+    run = CliRun((*command, f"--workdir={copy}"), forced_devices.default_codegen(env))
+    assert run.wait() == 0, run.output[-3000:]
   port = forced_devices.free_port()
   runs = [CliRun((*command, f"--workdir={two}"),
-                 {**forced_devices.env(2), "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-                  "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+                 {**forced_devices.default_codegen(forced_devices.env(2)),
+                  "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                  "JAX_PROCESS_ID": str(i)}) for i in range(2)]
   for i, process in enumerate(runs):
     assert process.wait() == 0, f"process {i}:\n{process.output[-3000:]}"
   assert not (two / "run.lock").exists()
-  one = _entries(json.loads((workdir / "results.json").read_text()))
+  one = _entries(json.loads((reference / "results.json").read_text()))
   for copy in (four, two):
     got = _entries(json.loads((copy / "results.json").read_text()))
     assert got.keys() == one.keys() and len(one) > 1000

@@ -137,7 +137,7 @@ def test_stacked_members_all_get_the_weights_and_bad_files_say_why(tmp_path):
   config = ml_collections.ConfigDict(dict(backbone="resnet18", width=1.0, aspp_channels=16,
                                           aspp_dropout=0.1, decoder_dropout=0.0))
   experts = _built(lambda: moe.StackedExperts(moe.make_expert(config, 5), 2,
-                                             execution="unroll", rngs=nnx.Rngs(0)))
+                                             execution="vmap", rngs=nnx.Rngs(0)))
   pretrained.load_backbone(experts.members.backbone, path)  # as the experts stage does
   expected = model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
   for k in range(2):

@@ -84,6 +84,10 @@ def to_probs(raw):
   return jnp.asarray(raw / raw.sum(-1, keepdims=True), jnp.float32)
 
 
+# One compiled program per shape (eager, each operation compiles on its own).
+measures_of = jax.jit(lambda probs, weights: u.measures(u.moments(probs, weights)))
+
+
 @settings(max_examples=30, deadline=None)
 @given(probs_strategy, st.randoms(use_true_random=False))
 def test_ranges_and_permutation_invariance(raw, random):
@@ -91,15 +95,14 @@ def test_ranges_and_permutation_invariance(raw, random):
   s, _, c = probs.shape
   weights = jnp.asarray(np.array([random.random() + 0.01 for _ in range(s)])[:, None])
   for w in (None, weights):
-    out = u.measures(u.moments(probs, w))
+    out = measures_of(probs, w)
     pe, mi, ev = (np.asarray(out[k]) for k in
                   ("predictive_entropy", "mutual_information", "expert_variance"))
     assert np.all(mi >= 0) and np.all(mi <= pe + 1e-5) and np.all(pe <= np.log(c) + 1e-5)
     assert np.all(ev >= 0) and np.all(ev <= 0.5 + 1e-6)
     order = list(range(s))
     random.shuffle(order)
-    permuted = u.measures(u.moments(probs[jnp.array(order)],
-                                    None if w is None else w[jnp.array(order)]))
+    permuted = measures_of(probs[jnp.array(order)], None if w is None else w[jnp.array(order)])
     for key in ("predictive_entropy", "mutual_information", "expert_variance"):
       np.testing.assert_allclose(permuted[key], out[key], atol=2e-6)
     norm = measures.normalised(out, num_classes=c)
@@ -167,3 +170,29 @@ def test_gate_entropy_of_several_routing_samples_is_that_of_their_mean():
   routing = routers.Routing(samples, jnp.log(samples), unit="image")
   ge = routers.gate_entropy_map(routing, jnp.zeros((1, 2, 2), jnp.int32))
   np.testing.assert_allclose(ge, np.full((1, 2, 2), np.log(2)), atol=1e-7)
+
+
+def _numpy_entropy(p):
+  return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), -1)
+
+
+@pytest.mark.parametrize("samples", [1, 4])
+def test_routing_decomposition_matches_numpy_and_one_sample_has_no_routing_epistemic(samples):
+  rng = np.random.default_rng(samples)
+  probs = rng.dirichlet(np.ones(5), (3, 7)).astype(np.float32)           # [K, N, C]
+  weights = rng.dirichlet(np.ones(3), (samples, 7)).transpose(0, 2, 1)  # [R, K, N]
+  weights = weights.astype(np.float32)
+  out = jax.jit(u.routing_decomposition)(probs, weights)
+  p64, w64 = probs.astype(np.float64), weights.astype(np.float64)
+  mean_w = w64.mean(0)
+  total = _numpy_entropy(np.einsum("kn,knc->nc", mean_w, p64))
+  sample = np.mean([_numpy_entropy(np.einsum("kn,knc->nc", w, p64)) for w in w64], 0)
+  aleatoric = np.sum(mean_w * _numpy_entropy(p64), 0)
+  np.testing.assert_allclose(out["total"], total, atol=2e-6)
+  np.testing.assert_allclose(out["routing_epistemic"], np.maximum(total - sample, 0), atol=2e-6)
+  np.testing.assert_allclose(out["expert_disagreement"], sample - aleatoric, atol=2e-6)
+  np.testing.assert_allclose(out["aleatoric"], aleatoric, atol=2e-6)
+  if samples == 1:  # a deterministic router: exactly none, whatever the compiler rounds
+    np.testing.assert_array_equal(out["routing_epistemic"], 0.0)
+  else:
+    assert np.all(np.asarray(out["routing_epistemic"]) > 0)
