@@ -89,8 +89,8 @@ def run_main():
 # Files whose tests run for minutes (the smoke pipeline's subprocess, four devices, every
 # Bayesian router) go first, so that xdist's workers start them early and finish together
 # instead of one worker taking the smoke pipeline last.
-FIRST = ("test_main.py", "test_num_experts.py", "test_mesh.py", "test_processes.py",
-         "test_bayesian_routers.py")
+FIRST = ("test_main.py", "test_num_experts.py", "test_mesh.py", "test_mesh_evaluation.py",
+         "test_processes.py", "test_bayesian_routers.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -419,8 +419,11 @@ def test_evaluate_on_four_devices_and_on_two_processes_writes_the_same_results(
       assert not unequal, (len(unequal), list(unequal.items())[:5])
     else:
       # 4 devices in one process: equal to rounding. XLA's CPU compiler compiles for the
-      # process's device count (docs/scaling.md; in one process, tests/test_mesh.py finds
+      # process's device count (docs/scaling.md; in one process, test_mesh_evaluation.py finds
       # every mesh equal to one device). Of 708,510 entries, 561 differed on the VM of
-      # 2026-11-29 and 7,247 on that of 2026-11-30 (median 4e-9, at most 3.8e-4).
+      # 2026-11-29 and 7,247 on that of 2026-11-30 (median 4e-9, at most 3.8e-4); 7,307
+      # with the ResNet-10 smoke model, at most 7.5e-4 except FPR at 95 % TPR: a step
+      # function of the detection histogram, which moved by one bin's share, 1.1e-3.
       assert len(unequal) < len(one) // 20, len(unequal)
-      assert max(abs(a - b) for a, b in unequal.values()) <= 1e-3
+      for key, (a, b) in unequal.items():
+        assert abs(a - b) <= (5e-3 if key.endswith("fpr_at_95_tpr") else 1e-3), (key, a, b)
