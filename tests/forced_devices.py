@@ -97,10 +97,10 @@ def floats(tree):
 
 
 def run(script: str, *args: str, timeout: int = 900,
-        default: bool = False) -> subprocess.CompletedProcess:
+        xla_defaults: bool = False) -> subprocess.CompletedProcess:
   """`script` after PREAMBLE, in the repository root, with `args` as sys.argv[1:]; under
-  XLA's default code generation if `default` (`default_codegen`)."""
-  environment = default_codegen(env(4)) if default else env(4)
+  XLA's default code generation if `xla_defaults` (`default_codegen`)."""
+  environment = default_codegen(env(4)) if xla_defaults else env(4)
   return subprocess.run([sys.executable, "-c", PREAMBLE + script, *args],
                         cwd=Path(__file__).resolve().parents[1], env=environment,
                         capture_output=True, text=True, timeout=timeout)

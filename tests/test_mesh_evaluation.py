@@ -51,7 +51,7 @@ print(json.dumps(unequal))
 
 @pytest.mark.slow
 def test_evaluation_under_every_mesh_equals_one_device_bit_for_bit():
-  result = forced_devices.run(SCRIPT, default=True)
+  result = forced_devices.run(SCRIPT, xla_defaults=True)
   assert result.returncode == 0, result.stderr[-4000:]
   unequal = json.loads(result.stdout.strip().splitlines()[-1])
   print(unequal)
