@@ -12,6 +12,11 @@ from moe_jax import measures, uncertainty as u
 from moe_jax.models import routers
 
 
+def numpy_entropy(p):
+  """H(p) over the last axis in numpy, 0 log 0 = 0."""
+  return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), -1)
+
+
 def numpy_measures(probs, weights=None):
   """Direct float64 formulas, written independently of the running sums."""
   probs = np.asarray(probs, np.float64)
@@ -20,9 +25,8 @@ def numpy_measures(probs, weights=None):
       np.asarray(weights, np.float64), probs.shape[:-1])
   w = w / w.sum(0)
   mean = np.einsum("s...,s...c->...c", w, probs)
-  h = lambda p: -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
-  pe = h(mean)
-  mi = pe - sum(w[k] * h(probs[k]) for k in range(s))
+  pe = numpy_entropy(mean)
+  mi = pe - sum(w[k] * numpy_entropy(probs[k]) for k in range(s))
   c = np.argmax(mean, -1)
   at = np.take_along_axis(probs, np.broadcast_to(c[None, ..., None], probs.shape[:-1] + (1,)),
                           -1)[..., 0]
@@ -172,10 +176,6 @@ def test_gate_entropy_of_several_routing_samples_is_that_of_their_mean():
   np.testing.assert_allclose(ge, np.full((1, 2, 2), np.log(2)), atol=1e-7)
 
 
-def _numpy_entropy(p):
-  return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), -1)
-
-
 @pytest.mark.parametrize("samples", [1, 4])
 def test_routing_decomposition_matches_numpy_and_one_sample_has_no_routing_epistemic(samples):
   rng = np.random.default_rng(samples)
@@ -185,9 +185,9 @@ def test_routing_decomposition_matches_numpy_and_one_sample_has_no_routing_epist
   out = jax.jit(u.routing_decomposition)(probs, weights)
   p64, w64 = probs.astype(np.float64), weights.astype(np.float64)
   mean_w = w64.mean(0)
-  total = _numpy_entropy(np.einsum("kn,knc->nc", mean_w, p64))
-  sample = np.mean([_numpy_entropy(np.einsum("kn,knc->nc", w, p64)) for w in w64], 0)
-  aleatoric = np.sum(mean_w * _numpy_entropy(p64), 0)
+  total = numpy_entropy(np.einsum("kn,knc->nc", mean_w, p64))
+  sample = np.mean([numpy_entropy(np.einsum("kn,knc->nc", w, p64)) for w in w64], 0)
+  aleatoric = np.sum(mean_w * numpy_entropy(p64), 0)
   np.testing.assert_allclose(out["total"], total, atol=2e-6)
   np.testing.assert_allclose(out["routing_epistemic"], np.maximum(total - sample, 0), atol=2e-6)
   np.testing.assert_allclose(out["expert_disagreement"], sample - aleatoric, atol=2e-6)
