@@ -55,6 +55,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# The meshes the mesh tests compare with one device, as their scripts print them.
+MESHES = ("(4, 1)", "(2, 2)", "(1, 4)")
 # The mesh tests' common part (after PREAMBLE): their models' settings, K = 4 experts, a
 # stacked training batch, two evaluation batches (the second padded), and helpers.
 MESH_SETUP = r'''

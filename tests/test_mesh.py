@@ -105,8 +105,6 @@ for a, b in zip(floats(restored["model"]), saved):
 print("restored under (1, 1)")
 """
 
-MESHES = ("(4, 1)", "(2, 2)", "(1, 4)")
-
 
 @pytest.mark.slow
 def test_train_steps_under_every_mesh_match_one_device_and_checkpoints_move(tmp_path):
@@ -122,7 +120,7 @@ def test_train_steps_under_every_mesh_match_one_device_and_checkpoints_move(tmp_
   # running statistics (the global batch's moments) and parameters agree to rounding.
   # The gate's step starts from one device's experts on every mesh, and compares the
   # gate's own parameters (the experts are frozen, and checked unchanged).
-  for shape in MESHES:
+  for shape in forced_devices.MESHES:
     for name in ("expert loss", "gate loss", "batch stats", "expert params", "gate params"):
       assert worst[f"{shape} {name}"] <= 1e-5, (shape, name, worst)
   assert lines[-1] == "restored under (1, 1)"

@@ -56,6 +56,6 @@ def test_evaluation_under_every_mesh_equals_one_device_bit_for_bit():
   unequal = json.loads(result.stdout.strip().splitlines()[-1])
   print(unequal)
   # Each micro-batch runs alone through the same program on every mesh.
-  for shape in ("(4, 1)", "(2, 2)", "(1, 4)"):
+  for shape in forced_devices.MESHES:
     for name in ("statistics", "panels", "grid values"):
       assert unequal[f"{shape} {name}"] == 0, (shape, name, unequal)
