@@ -20,22 +20,22 @@ dropout = config.copy_and_resolve_references()
 dropout.model.aspp_dropout = 0.5
 baseline = build.baseline(dropout)
 baseline.eval()
+outputs = methods.mixtures_with("weighted")
 
 evaluated = {}
 for shape in SHAPES:
   mesh = mesh_of(shape)
   placed = sharding.placed_copy((moe,), mesh)
   panels = {}
-  totals = evaluate.accumulate(methods.mixtures_with("weighted"), placed, eval_batches, 38,
-                               uncertainty=True, panel_images=1, patch_size=4, panels=panels)
+  totals = evaluate.accumulate(outputs, placed, eval_batches, 38, uncertainty=True,
+                               panel_images=1, patch_size=4, panels=panels)
   # The baseline and MC dropout (2 passes, their keys folded per micro-batch).
   totals.update(evaluate.accumulate(methods.single_and_mc_dropout_with((2,)),
                                     sharding.placed_copy(baseline, mesh), eval_batches, 38,
                                     uncertainty=True))
   grid = calibrate.grid_values(
-      lambda models, images, key, extras: methods.mixtures_with("weighted")(models, images,
-                                                                              key),
-      placed, eval_batches[0], build.key(0), ("moe_0",), 3, None, None, mesh, 1)
+      lambda models, images, key, extras: outputs(models, images, key), placed,
+      eval_batches[0], build.key(0), ("moe_0",), 3, None, None, mesh, 1)
   evaluated[shape] = (totals, panels["maps"], grid)
 
 unequal = {}
