@@ -32,15 +32,17 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_pipelines import IGNORE_LABEL, DataError, transforms
+from data_pipelines import IGNORE_LABEL, DataError
 from data_pipelines.a2d2_meta import CLASS_NAMES, COMBINED_SPLITS, DOMAINS, class_id
+
+if TYPE_CHECKING:  # TensorFlow loads with the first stream (`dataset`): a prepared split's
+  import tensorflow as tf  # sizes are read without it, ~5 s sooner (the data stage)
 
 # Every set of split lists is its own BuilderConfig by design (named by the lists' hash);
 # TFDS warns "Using custom data configuration" each time one is opened. Silence only that.
@@ -390,6 +392,7 @@ def prepare(data_dir: str | os.PathLike, *, split_dir: str | os.PathLike | None 
                              data_dir=None if tfds_dir is None else os.fspath(tfds_dir))
   if not builder.is_prepared():
     check_root(data_dir)
+    from data_pipelines import transforms  # noqa: F401  (hides the GPUs before TFDS loads TF)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(data_dir)))
   return builder
@@ -441,6 +444,7 @@ def dataset(data_dir: str | os.PathLike, split: str, *, image_size: Sequence[int
     Dataset of {"image": uint8 [B,H,W,3], "label": uint8 [B,H,W] (class ids, 255 ignore),
     "domain": int32 [B], "frame": string [B] ("<seq>_<frame>")}.
   """
+  from data_pipelines import transforms  # TensorFlow
   builder = prepare(data_dir, split_dir=split_dir, tfds_dir=tfds_dir)
   examples = builder.as_dataset(
       split=resolve_split(split, builder), shuffle_files=train,

@@ -83,9 +83,22 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> pathlib.Path
 
 
 def figure_png(fig, dpi: int) -> bytes:
-  """A matplotlib figure as PNG bytes (written with `write_atomic`, never half a PNG)."""
+  """A matplotlib figure as PNG bytes (written with `write_atomic`, never half a PNG).
+
+  The same bytes as `fig.savefig(buffer, format="png", dpi=dpi)`, drawn once: savefig lays
+  a figure with a layout engine out in a dry run of the whole draw (every axis' ticks and
+  labels), then draws it; here the engine lays it out alone before the one draw (the
+  demo's report: about a fifth of its time).
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  canvas = FigureCanvasAgg(fig)
+  fig.set_dpi(dpi)
+  engine = fig.get_layout_engine()
+  if engine is not None:
+    engine.execute(fig)
+    fig.set_layout_engine("none")
   buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=dpi)
+  canvas.print_png(buffer)
   return buffer.getvalue()
 
 
