@@ -417,7 +417,12 @@ def _json(value):
   if isinstance(value, dict):
     return {k: _json(v) for k, v in value.items()}
   if isinstance(value, (list, tuple, np.ndarray)):
-    return [_json(v) for v in np.asarray(value).tolist()]
+    array = np.asarray(value)
+    if array.dtype.kind == "f":  # whole arrays at once (a run's curves hold ~10^6 floats)
+      return np.where(np.isnan(array), None, array.astype(np.float64)).tolist()
+    if array.dtype.kind in "iub":
+      return array.tolist()
+    return [_json(v) for v in array.tolist()]
   if isinstance(value, (float, np.floating)):
     return None if np.isnan(value) else float(value)
   return value
