@@ -10,7 +10,8 @@ gate's MoE with every uncertainty statistic (the evaluate stage's call). Times a
 after a warm-up, with the compile time apart; each row's ratio is to the 1-device row of the
 same run. Forced CPU devices share the machine's cores, so on CPU these rows show
 correctness (the loss and the statistics are printed against 1 device) and the overhead of
-the partitioned program, not a speed-up. Writes mesh.json and mesh.md side by side.
+the partitioned program, not a speed-up. Every row runs with one XLA CPU thread count
+(NPROC), so that only the mesh differs. Writes mesh.json and mesh.md side by side.
 """
 
 from __future__ import annotations
@@ -137,9 +138,14 @@ def main(argv) -> None:
     print(json.dumps(child(config, _CHILD.value, repetitions)))
     return
   rows = []
-  for devices in map(int, _DEVICES.value):
+  counts = [int(devices) for devices in _DEVICES.value]
+  # One XLA CPU thread count for every row, max($NPROC or the CPUs, devices): without it the
+  # 1-device row would compile for fewer threads than the 4-device one, and round otherwise
+  # (docs/scaling.md).
+  threads = str(max(int(os.environ.get("NPROC") or os.cpu_count() or 1), *counts))
+  for devices in counts:
     forced = f"--xla_force_host_platform_device_count={devices}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "NPROC": threads,
            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {forced}".strip()}
     print(f"mesh benchmark: {devices} device(s) ...", flush=True)
     result = subprocess.run([sys.executable, "-m", "benchmarks.mesh", *sys.argv[1:],

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 
+import forced_devices
+
 # The tests spend most of their time in XLA compiling small programs. Two flags compile
 # them faster; set before JAX loads, and inherited by the xdist workers and the CLI
 # subprocesses. Real runs and the benchmarks keep XLA's defaults.
@@ -48,8 +50,10 @@ _add_fast_compile_flags()
 # lets a later process load what an earlier one compiled. The first pytest process (xdist's
 # controller) makes it; the workers and the CLI subprocesses inherit it through the
 # environment. A loaded executable is the one that was compiled, so the numbers are the
-# same. The key leaves out the forced device count, which the compiled program depends on,
-# so subprocesses with forced devices get a directory per count (tests/forced_devices.py).
+# same. The key leaves out the forced device count; XLA CPU compiles for its client's
+# thread count, which the device count raises, so every test process gets one thread count
+# (forced_devices.pin_cpu_threads) and shares one cache whatever its devices.
+forced_devices.pin_cpu_threads()
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_jax-tests-xla-")

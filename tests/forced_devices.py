@@ -1,7 +1,7 @@
 """Subprocesses with N forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N):
-their environment, XLA's default code generation for them, a free port for several of them
-to join jax.distributed on localhost, a test script run on 4 devices with the smoke config
-as `config`, and the mesh tests' common setup."""
+their environment, one XLA CPU thread count for every N, XLA's default code generation for
+them, a free port for several of them to join jax.distributed on localhost, a test script
+run on 4 devices with the smoke config as `config`, and the mesh tests' common setup."""
 
 import os
 from pathlib import Path
@@ -9,10 +9,27 @@ import socket
 import subprocess
 import sys
 
-PREAMBLE = r'''
+# The most devices a test forces.
+MOST_DEVICES = 4
+
+
+def pin_cpu_threads() -> None:
+  """Sets NPROC to MOST_DEVICES (unless it is that or more), before JAX starts its CPU client.
+
+  XLA's CPU client runs max($NPROC or the CPU count, device count) threads, and its
+  compiler splits loops into that many parts, which rounds floats differently: on this
+  2-core VM a one-device evaluation differed in 58 of 139 statistics between a process with
+  1 forced device and one with 4, and in none with NPROC=4 in both (docs/scaling.md). With
+  every test process at one thread count, a process's device count changes no number.
+  """
+  if int(os.environ.get("NPROC") or 0) < MOST_DEVICES:
+    os.environ["NPROC"] = str(MOST_DEVICES)
+
+
+PREAMBLE = f'''
 import importlib.util
 import jax
-assert jax.device_count() == 4, jax.devices()
+assert jax.device_count() == {MOST_DEVICES}, jax.devices()
 _spec = importlib.util.spec_from_file_location("a2d2_config", "configs/a2d2.py")
 _module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_module)
@@ -21,18 +38,12 @@ config = _module.get_config("smoke")
 
 
 def env(devices: int) -> dict[str, str]:
-  """This process's environment for a subprocess with `devices` forced CPU devices.
-
-  JAX's compilation-cache key leaves out the forced device count, and on XLA CPU a program's
-  numbers can depend on its process's device count (docs/scaling.md), so each count gets its
-  own directory of the tests' compilation cache (tests/conftest.py).
-  """
+  """This process's environment for a subprocess with `devices` forced CPU devices (at
+  most MOST_DEVICES: the thread count of `pin_cpu_threads` covers that many)."""
+  assert devices <= MOST_DEVICES, devices
   flags = " ".join([os.environ.get("XLA_FLAGS", ""),
                     f"--xla_force_host_platform_device_count={devices}"])
-  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  return {**os.environ, "XLA_FLAGS": flags,
-          **({"JAX_COMPILATION_CACHE_DIR": os.path.join(cache, f"devices{devices}")}
-             if cache else {})}
+  return {**os.environ, "XLA_FLAGS": flags}
 
 
 def default_codegen(env: dict[str, str]) -> dict[str, str]:
@@ -102,7 +113,7 @@ def run(script: str, *args: str, timeout: int = 900,
         xla_defaults: bool = False) -> subprocess.CompletedProcess:
   """`script` after PREAMBLE, in the repository root, with `args` as sys.argv[1:]; under
   XLA's default code generation if `xla_defaults` (`default_codegen`)."""
-  environment = default_codegen(env(4)) if xla_defaults else env(4)
+  environment = default_codegen(env(MOST_DEVICES)) if xla_defaults else env(MOST_DEVICES)
   return subprocess.run([sys.executable, "-c", PREAMBLE + script, *args],
                         cwd=Path(__file__).resolve().parents[1], env=environment,
                         capture_output=True, text=True, timeout=timeout)

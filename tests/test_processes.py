@@ -1,10 +1,7 @@
 """Two real processes on this machine join JAX's distributed runtime (localhost, CPU
 collectives over gloo, 2 forced devices each) and train and evaluate on one 4-device mesh,
-each feeding its own rows of every batch: the same numbers as one process.
-
-The one process has 2 devices, as each of the two does: XLA's CPU compiler reads the
-process's device count (it sets how many parallel parts a loop is split into), and a
-process with 4 devices rounds some evaluation numbers differently (docs/scaling.md)."""
+each feeding its own rows of every batch: the same numbers as one process with the same
+4-device mesh. (All at one XLA CPU thread count: forced_devices.pin_cpu_threads.)"""
 
 from pathlib import Path
 import subprocess
@@ -27,7 +24,7 @@ from flax import nnx
 from moe_jax import evaluate, losses, methods, stages, train
 from moe_jax.models import build
 
-assert jax.device_count() == (4 if several else 2)
+assert jax.device_count() == 4
 assert jax.process_count() == (2 if several else 1)
 spec = importlib.util.spec_from_file_location("a2d2_config", "configs/a2d2.py")
 module = importlib.util.module_from_spec(spec)
@@ -47,7 +44,7 @@ eval_batches = [{"image": rng.integers(0, 255, (B, h, w, 3), np.uint8),
 index, count = sharding.process_rows()
 rows = slice(index * B // count, (index + 1) * B // count)  # this process's rows
 
-mesh = sharding.make_mesh(config)  # (data, expert): (4, 1) over both processes, or (2, 1)
+mesh = sharding.make_mesh(config)  # (data, expert): (4, 1), over both processes or in one
 out = {}
 with jax.set_mesh(mesh):
   experts = build.experts(config, K)
@@ -99,7 +96,7 @@ def test_two_processes_train_and_evaluate_as_one_process(tmp_path):
   for i, process in enumerate(processes):
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, f"process {i}: {err[-3000:]}"
-  one = _run([str(tmp_path / "one.npz")], 2)
+  one = _run([str(tmp_path / "one.npz")], 4)
   _, err = one.communicate(timeout=600)
   assert one.returncode == 0, err[-3000:]
   two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
