@@ -87,6 +87,8 @@ def child(config, devices: int, repetitions: int) -> dict:
       losses_seen.append(float(np.asarray(jax.device_get(each)).sum()))
 
     train_first, train_median = _timed(step, repetitions)
+  # Freshly built experts: the trained ones differ between meshes by the steps' rounding.
+  experts = build.experts(config, K)
   experts.eval()
   moe = build.mixture(config, experts, config.model.gates[0])
   moe.eval()
