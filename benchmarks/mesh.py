@@ -92,6 +92,7 @@ def child(config, devices: int, repetitions: int) -> dict:
   experts.eval()
   moe = build.mixture(config, experts, config.model.gates[0])
   moe.eval()
+  sharding.place_model(moe, mesh)  # once, as the evaluate stage does
   outputs = methods.mixtures_with(config.eval.moe_members)
   key = build.key(0)
 
@@ -144,10 +145,12 @@ def main(argv) -> None:
   # One XLA CPU thread count for every row, max($NPROC or the CPUs, devices): without it the
   # 1-device row would compile for fewer threads than the 4-device one, and round otherwise
   # (docs/scaling.md).
-  threads = str(max(int(os.environ.get("NPROC") or os.cpu_count() or 1), *counts))
+  cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # not on macOS
+          else os.cpu_count() or 1)
+  threads = max(int(os.environ.get("NPROC") or cpus), *counts)
   for devices in counts:
     forced = f"--xla_force_host_platform_device_count={devices}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "NPROC": threads,
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "NPROC": str(threads),
            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {forced}".strip()}
     print(f"mesh benchmark: {devices} device(s) ...", flush=True)
     result = subprocess.run([sys.executable, "-m", "benchmarks.mesh", *sys.argv[1:],
@@ -158,7 +161,7 @@ def main(argv) -> None:
   table = markdown(rows)
   print(table)
   out = Path(_OUT.value)
-  out.write_text(json.dumps({"rows": rows}, indent=1))
+  out.write_text(json.dumps({"cpu_threads": threads, "rows": rows}, indent=1))
   out.with_suffix(".md").write_text(table)
   print(f"wrote {out} and {out.with_suffix('.md')}")
 
