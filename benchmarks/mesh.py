@@ -147,7 +147,8 @@ def main(argv) -> None:
   # (docs/scaling.md).
   cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # not on macOS
           else os.cpu_count() or 1)
-  threads = max(int(os.environ.get("NPROC") or cpus), *counts)
+  nproc = os.environ.get("NPROC", "")  # XLA ignores one that is not a number
+  threads = max(int(nproc) if nproc.isdigit() else cpus, *counts)
   for devices in counts:
     forced = f"--xla_force_host_platform_device_count={devices}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "NPROC": str(threads),

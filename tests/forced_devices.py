@@ -22,7 +22,8 @@ def pin_cpu_threads() -> None:
   1 forced device and one with 4, and in none with NPROC=4 in both (docs/scaling.md). With
   every test process at one thread count, a process's device count changes no number.
   """
-  if int(os.environ.get("NPROC") or 0) < MOST_DEVICES:
+  nproc = os.environ.get("NPROC", "")  # XLA ignores one that is not a number
+  if not nproc.isdigit() or int(nproc) < MOST_DEVICES:
     os.environ["NPROC"] = str(MOST_DEVICES)
 
 
