@@ -89,6 +89,8 @@ def figure_png(fig, dpi: int) -> bytes:
   a figure with a layout engine out in a dry run of the whole draw (every axis' ticks and
   labels), then draws it; here the engine lays it out alone before the one draw (the smoke
   run's 21 figures: 10.5-10.9 s instead of 12.8-14.8 s, docs/measured_facts.md).
+  It leaves `fig` on an Agg canvas with its layout done and no engine: call it on a figure
+  that is finished (the callers close it next).
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   canvas = FigureCanvasAgg(fig)
